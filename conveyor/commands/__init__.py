@@ -1,0 +1,1 @@
+"""Sub-command groups of the ``conveyor`` CLI; each module defines ``register(subparsers)``."""

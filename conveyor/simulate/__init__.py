@@ -1,0 +1,1 @@
+"""Simulators that make data with known ground truth."""

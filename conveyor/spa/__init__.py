@@ -1,0 +1,1 @@
+"""Cryo-EM single-particle analysis: motion, CTF, picking, extraction, classification, reconstruction."""

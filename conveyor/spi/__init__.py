@@ -1,0 +1,1 @@
+"""XFEL single-particle imaging: hits, centre, size, classification, EMC, phasing."""
