@@ -1,0 +1,39 @@
+# Conveyor: single-particle cryo-EM (SPA) and XFEL (SPI) pipelines, from raw data to 3D.
+#
+#   snakemake --configfile config/myexp.yaml -n                 # what would run
+#   snakemake --configfile config/myexp.yaml --profile mesocentre
+#
+# The experiment config is validated against workflow/schemas/config.schema.yaml before
+# any job runs; see config/README.md for every key.
+
+from snakemake.utils import min_version
+
+min_version("9.0")
+
+
+configfile: "config/config.yaml"
+
+
+report: "workflow/report/workflow.rst"
+
+
+include: "workflow/rules/common.smk"
+include: "workflow/rules/simulate.smk"
+include: "workflow/rules/spa_import.smk"
+include: "workflow/rules/spi_import.smk"
+
+
+rule all:
+    default_target: True
+    input:
+        all_targets,
+
+
+rule spa:
+    input:
+        spa_targets,
+
+
+rule spi:
+    input:
+        spi_targets,

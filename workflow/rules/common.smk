@@ -1,0 +1,124 @@
+# Helper functions: config validation, input discovery, input functions.
+# Rule files hold only rules.
+
+import functools
+import glob
+import os
+import sys
+from pathlib import Path
+
+from snakemake.exceptions import WorkflowError
+
+sys.path.insert(0, workflow.basedir)
+
+from conveyor.config import validate_config  # noqa: E402
+from conveyor.errors import InputError  # noqa: E402
+
+try:
+    _validated = validate_config(
+        dict(config), source=", ".join(map(str, workflow.configfiles)) or "config"
+    )
+except InputError as exc:
+    raise WorkflowError(str(exc))
+config.clear()
+config.update(_validated)
+
+EXP = config["experiment"]
+RESULTS = f"results/{EXP}"
+LOGS = f"logs/{EXP}"
+BENCH = f"benchmarks/{EXP}"
+SIM = config["simulate"]
+
+
+wildcard_constraints:
+    mic=r"[^/]+",
+    run=r"[^/]+",
+
+
+def container_for(tool):
+    """Apptainer image of a tool, from the config's `containers:` section."""
+    return config["containers"].get(tool)
+
+
+def conveyor_cmd():
+    """The conveyor CLI with the configured device."""
+    return f"conveyor --device {config['device']}"
+
+
+@functools.lru_cache(maxsize=None)
+def _discover(pattern, key, exts):
+    """{name: path} of the files matching a glob (cached: thousands of jobs ask)."""
+    paths = sorted(p for p in glob.glob(pattern) if Path(p).suffix.lower() in exts)
+    if not paths:
+        raise WorkflowError(
+            f"config key '{key}': the glob {pattern!r} matches no {'/'.join(sorted(exts))} file "
+            f"(working directory {os.getcwd()}) -- fix the path in the config or copy the data there"
+        )
+    by_name = {}
+    for p in paths:
+        name = Path(p).stem
+        if name in by_name:
+            raise WorkflowError(
+                f"config key '{key}': two input files have the same name {name!r}: "
+                f"{by_name[name]} and {p} -- rename one; the name identifies the file in results/"
+            )
+        by_name[name] = p
+    return by_name
+
+
+def spa_movies():
+    """{micrograph name: movie path} for the configured glob (after the demo simulation if any)."""
+    if SIM.get("spa"):
+        checkpoints.simulate_spa.get()
+    return _discover(config["spa"]["movies"], "spa.movies", (".mrc", ".mrcs", ".tif", ".tiff"))
+
+
+def spi_raw_runs():
+    """{run name: path} of the input shot files: CXI, or CXIDB-style HDF5 when spi.cxidb is set."""
+    if SIM.get("spi"):
+        checkpoints.simulate_spi.get()
+    spi = config["spi"]
+    if spi.get("cxidb"):
+        return _discover(spi["cxidb"], "spi.cxidb", (".h5", ".hdf5", ".cxi"))
+    if not spi.get("shots"):
+        raise WorkflowError("config section 'spi' needs 'shots' (glob of CXI files) or 'cxidb' (plain HDF5 to import)")
+    return _discover(spi["shots"], "spi.shots", (".cxi", ".h5", ".hdf5"))
+
+
+def spi_shot_file(wildcards):
+    """The CXI file of one run: the raw file, or the imported one for CXIDB input."""
+    if config["spi"].get("cxidb"):
+        return f"{RESULTS}/spi/cxi/{wildcards.run}.cxi"
+    return spi_raw_runs()[wildcards.run]
+
+
+def spa_validated(wildcards=None):
+    return [f"{RESULTS}/spa/movies/{m}.json" for m in spa_movies()]
+
+
+def spi_validated(wildcards=None):
+    return [f"{RESULTS}/spi/shots/{r}.json" for r in spi_raw_runs()]
+
+
+def spa_targets(wildcards=None):
+    if not config.get("spa"):
+        return []
+    return [f"{RESULTS}/spa/movies.star"]
+
+
+def spi_targets(wildcards=None):
+    if not config.get("spi"):
+        return []
+    return [f"{RESULTS}/spi/shots.csv"]
+
+
+def all_targets(wildcards=None):
+    return spa_targets() + spi_targets()
+
+
+# Fail at once, before any job, on an empty or ambiguous input glob (unless the input is
+# simulated first by the demo).
+if config.get("spa") and not SIM.get("spa"):
+    spa_movies()
+if config.get("spi") and not SIM.get("spi"):
+    spi_raw_runs()
