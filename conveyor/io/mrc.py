@@ -19,7 +19,14 @@ import numpy as np
 from ..errors import InputError
 from .atomic import atomic_path
 
-_FLOAT_OK = (np.float32, np.float16, np.int8, np.int16, np.uint8, np.uint16)
+_STORABLE = (np.float32, np.float16, np.int8, np.int16, np.uint8, np.uint16, np.complex64)
+
+
+def _check_exists(path: Path) -> None:
+    if not path.exists():
+        raise InputError(path, "file does not exist", "check the path or glob in the config")
+    if path.is_dir():
+        raise InputError(path, "is a directory, not an MRC file", "give the path of a .mrc/.mrcs file")
 
 
 def _open_error(path, exc) -> InputError:
@@ -49,8 +56,7 @@ def read_mrc(path, *, mmap: bool = False, check_finite: bool = True):
         Å/px from the header (0.0 if the header has none).
     """
     path = Path(path)
-    if not path.exists():
-        raise InputError(path, "file does not exist", "check the path or glob in the config")
+    _check_exists(path)
     try:
         if mmap:
             mrc = mrcfile.mmap(path, mode="r", permissive=False)
@@ -75,18 +81,25 @@ def read_mrc(path, *, mmap: bool = False, check_finite: bool = True):
 
 
 def read_header(path) -> dict:
-    """Shape (``nz, ny, nx``), dtype, pixel size (Å) and space group of an MRC file, without reading data."""
+    """Header of an MRC file, without reading the data.
+
+    Returns ``{"shape": (nz, ny, nx), "dtype", "pixel_size" (Å/px, 0.0 if unset), "ispg",
+    "ndim"}`` where ``ndim`` is that of the array :func:`read_mrc` returns (2 for a single
+    image). A file shorter than its header declares (truncated) raises :class:`InputError`.
+    """
     path = Path(path)
-    if not path.exists():
-        raise InputError(path, "file does not exist", "check the path or glob in the config")
+    _check_exists(path)
     try:
         with mrcfile.mmap(path, mode="r", permissive=False) as mrc:
             h = mrc.header
+            if mrc.data is None:
+                raise ValueError("no data block")
             return {
                 "shape": tuple(int(v) for v in (h.nz, h.ny, h.nx)),
                 "dtype": str(mrc.data.dtype),
                 "pixel_size": float(mrc.voxel_size.x),
                 "ispg": int(h.ispg),
+                "ndim": int(mrc.data.ndim),
             }
     except (ValueError, OSError, EOFError) as exc:
         raise _open_error(path, exc) from None
@@ -110,9 +123,14 @@ def write_mrc(path, data, pixel_size: float, *, volume: bool | None = None, dtyp
     from ..backend import to_host
 
     path = Path(path)
-    if not (pixel_size and pixel_size > 0):
+    if not (pixel_size and np.isfinite(pixel_size) and pixel_size > 0):
         raise InputError(path, f"pixel size must be positive, got {pixel_size}", "pass the pixel size in Å")
+    if np.dtype(dtype) not in [np.dtype(t) for t in _STORABLE]:
+        raise InputError(path, f"MRC files cannot store {np.dtype(dtype)}",
+                         "use float32, float16, int8, int16, uint8 or uint16")
     arr = np.ascontiguousarray(to_host(data), dtype=dtype)
+    if arr.ndim not in (2, 3) or arr.size == 0:
+        raise InputError(path, f"cannot write an array of shape {arr.shape} as MRC", "pass a 2D image or a 3D stack/volume")
     if volume is None:
         volume = path.suffix.lower() != ".mrcs"
     with atomic_path(path) as tmp:
