@@ -15,8 +15,27 @@ def _check(args) -> int:
     return 0
 
 
+MARKER = "This table is generated from the schema"
+
+
 def _keys(args) -> int:
-    print(cfgmod.markdown_table(), end="")
+    table = cfgmod.markdown_table()
+    if args.update:
+        from pathlib import Path
+
+        from ..io.atomic import write_text
+
+        text = Path(args.update).read_text()
+        head, sep, _ = text.partition(MARKER)
+        if not sep:
+            from ..errors import InputError
+
+            raise InputError(args.update, f"no line starting with {MARKER!r}", "add it where the table should go")
+        line_end = text.index("\n", len(head)) + 1
+        write_text(args.update, text[:line_end] + "\n" + table)
+        print(f"updated {args.update}")
+    else:
+        print(table, end="")
     return 0
 
 
@@ -26,4 +45,5 @@ def register(group) -> None:
     p.add_argument("--show", action="store_true", help="print the config with defaults filled in")
     p.set_defaults(func=_check)
     p = group("config").add_parser("keys", help="print a Markdown table of every config key")
+    p.add_argument("--update", metavar="README", help="replace the table in this Markdown file (after its marker line)")
     p.set_defaults(func=_keys)
