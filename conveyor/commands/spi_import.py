@@ -20,23 +20,32 @@ from ..io.atomic import write_text
 _EV = 1.602176634e-19  # J per eV
 
 
-def shot_record(path) -> dict:
-    """Validate one CXI file; return its summary record (raises InputError on bad input)."""
-    from ..io.cxi import read_cxi
+def shot_record(path, chunk: int = 256) -> dict:
+    """Validate one CXI file; return its summary record (raises InputError on bad input).
 
-    shots = read_cxi(path)
-    data = np.asarray(shots.data)
-    if data.ndim != 3 or data.shape[0] == 0:
-        raise InputError(f"{path}:/entry_1/data_1/data", f"expected frames [n, y, x], found shape {data.shape}", "write one 2D frame per shot")
-    if not np.isfinite(data).all():
-        raise InputError(f"{path}:/entry_1/data_1/data", "frames contain NaN or infinite values", "mask bad pixels with 0 in the mask instead")
-    mask = np.asarray(shots.mask) if shots.mask is not None else np.ones(data.shape[1:], bool)
-    good = mask.astype(bool)
+    Frames are read in blocks of ``chunk`` so files of any size fit in memory.
+    """
+    from ..io.cxi import iter_frames, read_cxi
+
+    shots = read_cxi(path, lazy=True, load_extra=False)
+    shots.require_geometry()
+    n, ny, nx = shots.data.shape
+    if n == 0:
+        raise InputError(f"{path}:/entry_1/data_1/data", "the file holds no frames", "remove it from the shots glob")
+    good = np.asarray(shots.mask, bool) if shots.mask is not None else np.ones((ny, nx), bool)
+    total = 0.0
+    for start, block in iter_frames(path, chunk):
+        block = np.asarray(block)
+        if not np.isfinite(block).all():
+            bad = start + int(np.flatnonzero(~np.isfinite(block).reshape(len(block), -1).all(axis=1))[0])
+            raise InputError(f"{path}:/entry_1/data_1/data", f"frame {bad} contains NaN or infinite values",
+                             "mask bad pixels (mask 0) instead of writing NaN")
+        total += float(block[:, good].sum())
     return {
         "path": str(path),
-        "frames": int(data.shape[0]),
-        "ny": int(data.shape[1]),
-        "nx": int(data.shape[2]),
+        "frames": int(n),
+        "ny": int(ny),
+        "nx": int(nx),
         "photon_energy_ev": float(shots.energy_J / _EV),
         "wavelength_m": float(shots.wavelength_m),
         "distance_m": float(shots.distance_m),
@@ -44,7 +53,7 @@ def shot_record(path) -> dict:
         "beam_center_x": float(shots.beam_center_px[0]),
         "beam_center_y": float(shots.beam_center_px[1]),
         "good_pixels": int(good.sum()),
-        "mean_photons_per_frame": float(data[:, good].sum(axis=1).mean()),
+        "mean_photons_per_frame": total / n,
     }
 
 
