@@ -1,0 +1,1 @@
+"""Tests of the peer-tool adapters (conveyor.tools)."""
