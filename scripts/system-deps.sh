@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
-# Debian packages used by the test suite: SLURM + munge (scheduler tier), graphviz (DAG
+# Debian packages used by the test suite: SLURM + munge (scheduler tier), RELION 3.1 (peer
+# tests), graphviz (DAG
 # pictures). Installed only as root with apt-get; otherwise the tests that need them are
 # skipped with a printed reason.
 set -u
-PKGS=(slurm-wlm munge graphviz)
+PKGS=(slurm-wlm munge graphviz relion)
 if [ "$(id -u)" != 0 ] || ! command -v apt-get >/dev/null; then
     echo "system-deps: not root or no apt-get; tests needing ${PKGS[*]} will be skipped if they are missing"
     exit 0
