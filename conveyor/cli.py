@@ -29,6 +29,7 @@ GROUP_HELP = {
     "select": "write class-selection files for the checkpoints",
     "bench": "benchmarks: native steps against peer tools on the same data",
     "config": "validate and document experiment configs",
+    "tools": "run peer tools (RELION, MotionCor2, CTFFIND4, Gautomatch, spi_processing, spi_em_class, Dragonfly) with our file contracts",
 }
 
 

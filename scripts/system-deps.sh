@@ -1,7 +1,6 @@
 #!/usr/bin/env bash
 # Debian packages used by the test suite: SLURM + munge (scheduler tier), RELION 3.1 (peer
-# tests), graphviz (DAG
-# pictures). Installed only as root with apt-get; otherwise the tests that need them are
+# tests), graphviz (DAG pictures). Installed only as root with apt-get; otherwise the tests that need them are
 # skipped with a printed reason.
 set -u
 PKGS=(slurm-wlm munge graphviz relion)
