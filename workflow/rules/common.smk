@@ -122,3 +122,80 @@ if config.get("spa") and not SIM.get("spa"):
     spa_movies()
 if config.get("spi") and not SIM.get("spi"):
     spi_raw_runs()
+
+
+# --- SPA preprocessing options (from the experiment config) ---------------------------
+
+
+def spa_gain():
+    g = (config.get("spa") or {}).get("gain")
+    return [g] if g else []
+
+
+def spa_first_bin():
+    return (config.get("spa") or {}).get("extract", {}).get("bin", 4)
+
+
+def spa_motion_opts(wildcards):
+    spa = config["spa"]
+    m = spa["motion"]
+    opts = [
+        f"--pixel-size {spa['pixel_size']}",
+        f"--voltage {spa['voltage']}",
+        f"--dose-per-frame {spa['dose_per_frame']}",
+        f"--bfactor {m['bfactor']}",
+        f"--patches {m['patches']}x{m['patches']}" if m["patches"] else "--patches 0",
+    ]
+    if spa.get("frames"):
+        opts.append(f"--frames {spa['frames']}")
+    if spa.get("gain"):
+        opts.append(f"--gain '{spa['gain']}' --gain-rot {spa['gain_rot']}")
+        if spa.get("gain_flip"):
+            opts.append(f"--gain-flip {spa['gain_flip']}")
+    return " ".join(opts)
+
+
+def spa_ctf_opts(wildcards):
+    spa = config["spa"]
+    c = spa["ctf"]
+    opts = (
+        f"--pixel-size {spa['pixel_size']} --voltage {spa['voltage']} --cs {spa['cs']}"
+        f" --amplitude-contrast {spa['amplitude_contrast']}"
+        f" --defocus-min {c['defocus_min']} --defocus-max {c['defocus_max']}"
+        f" --res-min {c['res_min']} --res-max {c['res_max']}"
+    )
+    return opts + (" --phase-shift" if c["phase_shift"] else "")
+
+
+def spa_pick_opts(wildcards):
+    spa = config["spa"]
+    p = spa["pick"]
+    opts = f"--particle-diameter {spa['particle_diameter']} --method {p['method']} --threshold {p['threshold']}"
+    if p["method"] == "template":
+        if not p.get("template"):
+            raise WorkflowError("config key 'spa.pick.template' must name the templates (MRC/MRCS) when spa.pick.method is template")
+        opts += f" --template '{p['template']}'"
+    return opts
+
+
+def spa_box():
+    """Box size at full resolution (px): configured, or ~1.6x the particle diameter rounded up to a multiple of 8 that bins cleanly."""
+    spa = config["spa"]
+    if spa["extract"].get("box"):
+        return int(spa["extract"]["box"])
+    box = int(1.6 * spa["particle_diameter"] / spa["pixel_size"])
+    return box + (-box) % 8
+
+
+def spa_extract_opts(wildcards):
+    spa = config["spa"]
+    return f"--box {spa_box()} --particle-diameter {spa['particle_diameter']}"
+
+
+def spa_merge_opts(wildcards):
+    spa = config["spa"]
+    m = spa["merge"]
+    return (
+        f"--max-ctf-resolution {m['max_ctf_resolution']}"
+        f" --max-drift {m['max_drift'] / spa['pixel_size']:.2f}"
+    )

@@ -1,0 +1,137 @@
+"""The workflow end to end on tiny simulated data, with `snakemake --cores 2`."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+import yaml
+
+from conveyor.io.star import read_star
+
+pytestmark = pytest.mark.slow
+
+
+def run_snakemake(repo, workdir, configfile, *extra, check=True):
+    cmd = [
+        "snakemake", "-s", str(repo / "Snakefile"), "--directory", str(workdir),
+        "--configfile", str(configfile), "--cores", "2", *extra,
+    ]
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
+    if check and out.returncode != 0:
+        raise AssertionError(f"snakemake failed ({out.returncode}):\n{out.stdout[-3000:]}\n{out.stderr[-5000:]}")
+    return out
+
+
+@pytest.fixture(scope="module")
+def tiny_run(repo, tmp_path_factory, snakemake_exe):
+    """The tiny config (simulation included) run once end to end."""
+    work = tmp_path_factory.mktemp("tiny")
+    run_snakemake(repo, work, repo / "tests/configs/tiny.yaml")
+    return work
+
+
+def test_dry_run_lists_jobs(repo, tmp_path, snakemake_exe):
+    out = run_snakemake(repo, tmp_path, repo / "tests/configs/tiny.yaml", "-n")
+    assert "simulate_spa" in out.stdout and "simulate_spi" in out.stdout
+
+
+def test_tiny_end_to_end(tiny_run):
+    res = tiny_run / "results/tiny"
+    blocks = read_star(res / "spa/movies.star")
+    assert len(blocks["movies"]) == 2
+    assert float(blocks["optics"]["rlnMicrographOriginalPixelSize"][0]) == pytest.approx(3.0)
+    for name in blocks["movies"]["rlnMicrographMovieName"]:
+        assert (tiny_run / name).exists() or Path(name).exists()
+    import pandas as pd
+
+    shots = pd.read_csv(res / "spi/shots.csv")
+    assert len(shots) == 2 and (shots["frames"] == 20).all()
+    # every job left its log
+    assert list((tiny_run / "logs/tiny/spa_validate_movie").glob("*.log"))
+
+
+def test_rerun_is_a_no_op(repo, tiny_run):
+    out = run_snakemake(repo, tiny_run, repo / "tests/configs/tiny.yaml", "-n")
+    assert "Nothing to be done" in out.stdout + out.stderr
+
+
+@pytest.fixture()
+def plain_config(tiny_run, tmp_path):
+    """A copy of the tiny data with a config that has no simulation section."""
+    work = tmp_path / "w"
+    shutil.copytree(tiny_run / "data", work / "data")
+    cfg = yaml.safe_load((Path(__file__).parents[1] / "configs/tiny.yaml").read_text())
+    cfg.pop("simulate")
+    cfg.pop("spi")
+    path = work / "plain.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return work, path
+
+
+def test_new_movies_only(repo, plain_config):
+    work, cfg = plain_config
+    run_snakemake(repo, work, cfg)
+    movies = sorted((work / "data/tiny/spa/movies").glob("*.mrc"))
+    shutil.copy(movies[0], movies[0].with_name("mic_new.mrc"))
+    out = run_snakemake(repo, work, cfg, "-n", "--quiet", "rules")
+    text = out.stdout + out.stderr
+    assert "spa_validate_movie" in text
+    # exactly one validation job: the new movie
+    line = next(ln for ln in text.splitlines() if ln.strip().startswith("spa_validate_movie"))
+    assert line.split()[-1] == "1"
+
+
+def test_corrupt_movie_fails_its_branch_only(repo, plain_config):
+    work, cfg = plain_config
+    movies = sorted((work / "data/tiny/spa/movies").glob("*.mrc"))
+    bad = movies[0]
+    bad.write_bytes(bad.read_bytes()[: 2000])  # truncated copy
+    out = run_snakemake(repo, work, cfg, "--keep-going", check=False)
+    assert out.returncode != 0
+    log = (work / f"logs/tiny/spa_validate_movie/{bad.stem}.log").read_text()
+    assert str(bad.name) in log and "conveyor: error:" in log
+    assert "Traceback" not in log
+    assert not (work / f"results/tiny/spa/movies/{bad.stem}.json").exists()
+    assert (work / f"results/tiny/spa/movies/{movies[1].stem}.json").exists()
+    # no temporary files left behind
+    assert not list((work / "results").rglob(".*.tmp-*"))
+
+
+def test_wrong_pixel_size_is_reported(repo, plain_config):
+    work, cfg = plain_config
+    c = yaml.safe_load(cfg.read_text())
+    c["spa"]["pixel_size"] = 1.0
+    cfg.write_text(yaml.safe_dump(c))
+    out = run_snakemake(repo, work, cfg, "--keep-going", check=False)
+    assert out.returncode != 0
+    logs = " ".join(p.read_text() for p in (work / "logs/tiny/spa_validate_movie").glob("*.log"))
+    assert "spa.pixel_size" in logs
+
+
+def test_bad_config_stops_before_any_job(repo, tmp_path, snakemake_exe):
+    cfg = yaml.safe_load((repo / "tests/configs/tiny.yaml").read_text())
+    cfg["spa"]["symmetry"] = "Q7"
+    path = tmp_path / "bad.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    out = run_snakemake(repo, tmp_path, path, "-n", check=False)
+    assert out.returncode != 0
+    assert "spa.symmetry" in out.stdout + out.stderr
+    assert not (tmp_path / "results").exists()
+
+
+def test_empty_glob_is_reported(repo, tmp_path, snakemake_exe):
+    cfg = {"experiment": "e", "spa": {"movies": "nowhere/*.mrc", "pixel_size": 1, "dose_per_frame": 1, "particle_diameter": 100}}
+    path = tmp_path / "e.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    out = run_snakemake(repo, tmp_path, path, "-n", check=False)
+    assert out.returncode != 0
+    assert "spa.movies" in out.stdout + out.stderr and "matches no" in out.stdout + out.stderr
+
+
+def test_movie_records(tiny_run):
+    rec = json.loads(next((tiny_run / "results/tiny/spa/movies").glob("*.json")).read_text())
+    assert rec["n_frames"] == 6
