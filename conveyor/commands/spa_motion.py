@@ -259,7 +259,8 @@ def register(group) -> None:
     p.add_argument("--gain-flip", choices=["x", "y"], default=None,
                    help="flip the gain reference: x = upside down, y = left-right (after --gain-rot)")
     p.add_argument("--gain-rot", type=int, choices=[0, 1, 2, 3], default=0,
-                   help="rotate the gain reference by this many 90° turns (RELION's convention)")
+                   help="90° turns of the gain reference, applied before the flip "
+                        "(as spa.gain_rot; see conveyor.io.movie)")
     p.add_argument("--patches", default="5x5",
                    help="patches along x and y for local alignment, e.g. 5x5; 0 for whole-frame only (default 5x5)")
     p.add_argument("--bfactor", type=float, default=150.0,

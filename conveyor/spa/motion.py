@@ -312,19 +312,31 @@ def _cropped_spectra(images, grid: _Grid, taper_width: float, xp, chunk_px: int 
     step = max(1, chunk_px // (grid.ny * grid.nx))
     for i in range(0, n, step):
         blk = xp.asarray(images[i:i + step], dtype=xp.float32)
-        blk = (blk - blk.mean(axis=(-2, -1), keepdims=True)) * win
+        blk = blk - blk.mean(axis=(-2, -1), keepdims=True)
+        blk *= win
         # rFFT along x, keep the cropped columns, then FFT along y of those only, keep the rows
         spec = _fft(xp).rfft(blk, axis=-1)[..., :mkx]
         out[i:i + step] = _fft(xp).fft(spec, axis=-2)[..., grid.rows, :]
     return out
 
 
-def _phase_ramp(ky, kx, shifts, xp):
-    """exp(+2πi (kx sx + ky sy)) for shifts [..., 2] (dx, dy): moves content by -shift."""
+def _ramp_factors(ky, kx, shifts, xp):
+    """Separable factors of exp(+2πi (kx sx + ky sy)) for shifts [..., 2] (dx, dy): [..., my], [..., mkx]."""
     s = xp.asarray(shifts, dtype=xp.float64)
-    ey = xp.exp((_TWO_PI * 1j) * (s[..., 1:2] * xp.asarray(ky, dtype=xp.float64)))  # [..., my]
-    ex = xp.exp((_TWO_PI * 1j) * (s[..., 0:1] * xp.asarray(kx, dtype=xp.float64)))  # [..., mkx]
-    return (ey.astype(xp.complex64)[..., :, None]) * (ex.astype(xp.complex64)[..., None, :])
+    ey = xp.exp((_TWO_PI * 1j) * (s[..., 1:2] * xp.asarray(ky, dtype=xp.float64)))
+    ex = xp.exp((_TWO_PI * 1j) * (s[..., 0:1] * xp.asarray(kx, dtype=xp.float64)))
+    return ey.astype(xp.complex64), ex.astype(xp.complex64)
+
+
+def _shifted(spec, ky, kx, shifts, xp, out=None):
+    """``spec`` [..., my, mkx] times the phase ramp that moves the content by ``-shifts`` [..., 2]."""
+    ey, ex = _ramp_factors(ky, kx, shifts, xp)
+    if out is None:
+        out = spec * ey[..., :, None]
+    else:
+        out *= ey[..., :, None]
+    out *= ex[..., None, :]
+    return out
 
 
 def _box_sum(a, lo: int, hi: int, xp):
@@ -445,7 +457,7 @@ def _align_spectra(spec, grid: _Grid, init, *, group=1, max_iter=20, tol=0.01, c
     for it in range(1, max_iter + 1):
         coarse = it <= 3
         s = init + np.einsum("gt,...gk->...tk", member, c)
-        al = spec * _phase_ramp(grid.ky, grid.kx, s, xp)
+        al = _shifted(spec, grid.ky, grid.kx, s, xp)
         tot = al.sum(axis=-3, keepdims=True)
         if it == 1 and coarse_group > 1:
             grp, sup = _window_sums(al, coarse_group, xp)
@@ -725,19 +737,33 @@ def _patch_layout(ny, nx, patches):
     return np.array(origins), (ph, pw), np.array(centres)
 
 
-def _gather_tiles(frames, y0, x0, offsets, size, xp):
+def _gather_tiles(frames, y0, x0, offsets, size, xp, vectorized=None):
     """Regions of every frame: [T, n, h, w] from origins (y0, x0) [T] + per-(tile, frame) offsets [T, n, 2].
 
-    Indices beyond the frame edges are clamped (edge pixels are repeated).
+    Indices beyond the frame edges are clamped (edge pixels are repeated). ``vectorized``:
+    one fancy-index gather (default on the GPU) instead of slices (default on the CPU).
     """
     n, ny, nx = frames.shape
     h, w = size
-    oy = xp.asarray(np.asarray(y0)[:, None] + offsets[..., 1], dtype=xp.int64)  # [T, n]
-    ox = xp.asarray(np.asarray(x0)[:, None] + offsets[..., 0], dtype=xp.int64)
-    yy = xp.clip(oy[..., None] + xp.arange(h), 0, ny - 1)[..., :, None]  # [T, n, h, 1]
-    xx = xp.clip(ox[..., None] + xp.arange(w), 0, nx - 1)[..., None, :]  # [T, n, 1, w]
-    tt = xp.arange(n)[None, :, None, None]
-    return frames[tt, yy, xx]
+    oy = np.asarray(y0)[:, None] + np.asarray(offsets[..., 1], dtype=np.int64)  # [T, n] first row
+    ox = np.asarray(x0)[:, None] + np.asarray(offsets[..., 0], dtype=np.int64)
+    if vectorized is None:
+        vectorized = xp is not np
+    if vectorized:  # one gather kernel on the device
+        yy = xp.clip(xp.asarray(oy)[..., None] + xp.arange(h), 0, ny - 1)[..., :, None]  # [T, n, h, 1]
+        xx = xp.clip(xp.asarray(ox)[..., None] + xp.arange(w), 0, nx - 1)[..., None, :]  # [T, n, 1, w]
+        return frames[xp.arange(n)[None, :, None, None], yy, xx]
+    out = np.empty((oy.shape[0], n, h, w), dtype=frames.dtype)
+    for i in range(oy.shape[0]):  # on the CPU, slices are much faster than a fancy-index gather
+        for t in range(n):
+            r0, c0 = int(oy[i, t]), int(ox[i, t])
+            if r0 >= 0 and c0 >= 0 and r0 + h <= ny and c0 + w <= nx:
+                out[i, t] = frames[t, r0:r0 + h, c0:c0 + w]
+            else:
+                rows = np.clip(np.arange(r0, r0 + h), 0, ny - 1)
+                cols = np.clip(np.arange(c0, c0 + w), 0, nx - 1)
+                out[i, t] = frames[t][np.ix_(rows, cols)]
+    return out
 
 
 def _fit_model(r, centres, shape, n_frames, outlier_sigma=3.0, min_error=0.05, max_rounds=6, mask=None,
@@ -880,18 +906,21 @@ def local_alignment(frames, global_shifts, patches=(5, 5), *, pixel_size: float 
     grid = _make_grid(ph, pw, pixel_size, bfactor, binning, max_shift, xp)
     off = np.rint(g)  # integer part of the whole-frame shift, applied when cutting patches
     frac = g - off
-    chunk = max(1, (1 << 24) // max(1, n * ph * pw))
-    specs = []
-    for i in range(0, npatch, chunk):
-        o = origins[i:i + chunk]
+    # patches are independent: align them in batches that bound the memory (~64 MB of spectra)
+    batch = max(1, min(npatch, (1 << 23) // max(1, n * grid.my * (grid.mx // 2 + 1))))
+    s = np.empty((npatch, n, 2))
+    iters = 0
+    for i in range(0, npatch, batch):
+        o = origins[i:i + batch]
         offs = np.broadcast_to(off, (len(o), n, 2)).astype(np.int64)
         tiles = _gather_tiles(frames, o[:, 0], o[:, 1], offs, (ph, pw), xp)
-        sp = _cropped_spectra(tiles.reshape((-1, ph, pw)), grid, taper, xp)
-        specs.append(sp.reshape((len(o), n) + sp.shape[-2:]))
-    spec = xp.concatenate(specs, axis=0) if len(specs) > 1 else specs[0]
-    init = np.broadcast_to(frac, (npatch, n, 2))
-    s, iters, converged = _align_spectra(spec, grid, init, group=group, max_iter=max_iter, tol=tol, xp=xp)
-    del spec
+        spec = _cropped_spectra(tiles.reshape((-1, ph, pw)), grid, taper, xp)
+        del tiles
+        spec = spec.reshape((len(o), n) + spec.shape[-2:])
+        init = np.broadcast_to(frac, (len(o), n, 2))
+        s[i:i + batch], it, _ = _align_spectra(spec, grid, init, group=group, max_iter=max_iter, tol=tol, xp=xp)
+        iters = max(iters, it)
+        del spec
     total = s + off[None]  # [P, n, 2] content displacement in frame coordinates
     r = np.transpose(total - g[None], (1, 0, 2))  # [n, P, 2] residual on top of the whole-frame shifts
     model = LocalModel(np.zeros((2, N_COEFFS)), (ny, nx), n, centres, r, np.ones((n, npatch), bool),
@@ -969,7 +998,7 @@ def _sum_global(frames, shifts, dose, xp, want_plain=True):
     acc_dw = xp.zeros((ny, nx // 2 + 1), dtype=xp.complex64) if dose is not None else None
     for f in range(n):
         spec = _fft(xp).rfft2(xp.asarray(frames[f], dtype=xp.float32))
-        spec *= _phase_ramp(ky, kx, shifts[f], xp)
+        spec = _shifted(spec, ky, kx, shifts[f], xp, out=spec)
         if acc is not None:
             acc += spec
         if acc_dw is not None:
@@ -1029,7 +1058,7 @@ def _sum_local(frames, shifts, model: LocalModel, dose_args, xp, spacing=None, w
         mean = reg.mean(axis=(-2, -1), keepdims=True)
         spec = _fft(xp).rfft2((reg - mean) * win_taper)
         del reg
-        spec *= _phase_ramp(ky, kx, frac, xp)
+        spec = _shifted(spec, ky, kx, frac, xp, out=spec)
         dc = mean.sum(axis=1)[:, 0, 0]  # [jx] mean level of the summed frames
         wy = _ramp_weights(sup, iy > 0, iy < jy - 1, ramp)
         ys, ye = by[iy] - ramp // 2, by[iy] - ramp // 2 + sup

@@ -169,6 +169,17 @@ def test_tiled_sum_is_exact_for_rigid_motion():
         assert err.max() < 0.01 * np.ptp(b), (err.max(), np.ptp(b))
 
 
+def test_region_gather_clamps_edges_same_on_both_paths():
+    fr = np.arange(3 * 20 * 30, dtype=np.float32).reshape(3, 20, 30)
+    offsets = np.array([[[-3, 2], [0, 0], [5, -4]], [[1, 1], [-7, 9], [0, 0]]])  # [T, n, (dx, dy)]
+    a = M._gather_tiles(fr, np.array([0, 12]), np.array([25, 0]), offsets, (10, 8), np, vectorized=False)
+    b = M._gather_tiles(fr, np.array([0, 12]), np.array([25, 0]), offsets, (10, 8), np, vectorized=True)
+    np.testing.assert_array_equal(a, b)
+    # tile 0, frame 0 starts at row 0 + 2, column 25 - 3; columns beyond 29 repeat column 29
+    np.testing.assert_array_equal(a[0, 0, 0], fr[0, 2, np.clip(np.arange(22, 30), 0, 29)])
+    np.testing.assert_array_equal(a[1, 1, -1], fr[1, 19, np.arange(-7, 1).clip(0)])
+
+
 # ---------------------------------------------------------------------------------------
 # (3) dose weights
 # ---------------------------------------------------------------------------------------
