@@ -18,7 +18,7 @@ from . import DISTANCE_M, PIXEL_M, WAVELENGTH_M, detector_mask, f1_score, make_f
 GEOM = dict(pixel_size_m=PIXEL_M, distance_m=DISTANCE_M, wavelength_m=WAVELENGTH_M)
 CENTER = (101.3, 98.6)
 WINDOW = (63.0, 77.0)  # PR772: 70 nm +-10 %
-N = 60
+N = 100
 
 
 def _offsets(rng, n, lo, hi):
