@@ -16,9 +16,10 @@ Physics
   (photons/m²) set by the particle's position in a Gaussian focus and a pulse-energy
   jitter, the pixel solid angle ``ΔΩ`` and the polarisation factor ``P`` (beam polarised
   along x); plus a smooth background (gas/beamline scatter); then Poisson noise.
-* Empty frames: background only. Multiple hits: 2–3 particles added **incoherently**
-  (the particles are microns apart, so their interference fringes are finer than a
-  pixel and average out). Wrong-size particles: the same object scaled to another
+* Empty frames: background only. Multiple hits: clusters of 2–3 touching particles
+  (aggregates, the common kind of multiple hit in aerosol injection) scattering
+  **coherently**: amplitudes ``F_j(q) exp(-2πi q·r_j)`` are summed before squaring, so
+  the pattern shows the cluster's interference stripes. Wrong-size particles: the same object scaled to another
   diameter. The beamstop and the gap between the two detector halves read 0 and are
   masked.
 
@@ -323,6 +324,23 @@ def intensity_slice(volume_ft: FourierVolume, rotation, qvecs, scale: float = 1.
     return (f.real * f.real + f.imag * f.imag) * float(scale) ** 6
 
 
+def amplitude_slice(volume_ft: FourierVolume, rotation, qvecs, scale: float = 1.0, position_m=None):
+    """Complex amplitude ``F(s Rᵀ q) s³ exp(-2πi q·r)`` (electrons) of a particle at ``position_m``.
+
+    Same conventions as :func:`intensity_slice`; ``position_m`` (3-vector, m) is the
+    particle's centre in the lab frame (None: at the origin).
+    """
+    xp = backend.array_module(volume_ft.data)
+    rot = np.asarray(backend.to_host(rotation), dtype=np.float64)
+    if rot.shape == (4,):
+        rot = quaternion_to_matrix(rot)
+    q = xp.asarray(qvecs, dtype=xp.float64)
+    f = volume_ft.sample((q @ xp.asarray(rot)) * float(scale)) * float(scale) ** 3
+    if position_m is not None:
+        f = f * xp.exp(-2j * np.pi * (q @ xp.asarray(np.asarray(position_m, dtype=np.float64))))
+    return f
+
+
 def sphere_form_factor(q, radius):
     """Normalised sphere intensity ``[3 (sin x − x cos x) / x³]²``, ``x = 2π q R`` (1 at q = 0).
 
@@ -623,7 +641,15 @@ def simulate_spi(out_dir, **params) -> dict:
             quat = random_quaternions(1, rng)[0]
             pos_factor = float(np.exp(rng.uniform(np.log(f_min), 0.0))) if f_min < 1 else 1.0
             jitter = float(np.exp(rng.normal() * float(p["pulse_jitter"]) - 0.5 * float(p["pulse_jitter"]) ** 2))
-            plist.append(dict(diameter_nm=diam, scale=diam / d_nom, quat=quat, fluence_factor=pos_factor * jitter, wrong=wrong))
+            plist.append(dict(diameter_nm=diam, scale=diam / d_nom, quat=quat, fluence_factor=pos_factor * jitter, wrong=wrong,
+                              position_m=np.zeros(3)))
+        for j in range(1, k):  # a touching cluster: each new particle next to an earlier one
+            anchor = plist[int(rng.integers(j))]
+            direction = rng.normal(size=3)
+            direction /= np.linalg.norm(direction)
+            gap = 0.5e-9 * (anchor["diameter_nm"] + plist[j]["diameter_nm"]) * rng.uniform(1.0, 1.2)
+            plist[j]["position_m"] = anchor["position_m"] + gap * direction
+            plist[j]["fluence_factor"] = plist[0]["fluence_factor"]  # same place in the focus
         particles[i] = plist
     bg_jitter = np.exp(rng.normal(size=n_total) * 0.2 - 0.02)
 
@@ -655,9 +681,13 @@ def simulate_spi(out_dir, **params) -> dict:
                 expected = bg_shape * (bg_mean * float(bg_jitter[gi]))
                 bg_expected = float(bg_mean * bg_jitter[gi])
                 sig = xp.zeros(shape, dtype=xp.float64)
+                if len(plist) == 1:
+                    sig = fluence_m2 * plist[0]["fluence_factor"] * pix * intensity_slice(vol, plist[0]["quat"], qvec, scale=plist[0]["scale"])
+                elif plist:
+                    amp = sum(amplitude_slice(vol, part["quat"], qvec, part["scale"], part["position_m"]) for part in plist)
+                    sig = fluence_m2 * plist[0]["fluence_factor"] * pix * (amp.real * amp.real + amp.imag * amp.imag)
                 for j, part in enumerate(plist):
                     phi = fluence_m2 * part["fluence_factor"]
-                    sig = sig + phi * pix * intensity_slice(vol, part["quat"], qvec, scale=part["scale"])
                     particle_rows.append(
                         dict(file=name, frame=k, particle=j, diameter_nm=part["diameter_nm"], scale=part["scale"],
                              quat_w=part["quat"][0], quat_x=part["quat"][1], quat_y=part["quat"][2], quat_z=part["quat"][3],
@@ -752,7 +782,7 @@ def simulate_spi(out_dir, **params) -> dict:
             "mean_signal_photons_single_nominal_at_peak": unit_photons * fluence_m2,
         },
         "quaternions": "active rotation (w, x, y, z) of the reference particle into the lab; pixel q samples the reference at R^T q",
-        "multiple_hits": "incoherent sum of 2-3 particles",
+        "multiple_hits": "coherent sum of 2-3 touching particles (cluster)",
         "files": [str(pth.relative_to(out_dir)) for pth in shot_paths],
         "runtime_s": None,
     }

@@ -175,10 +175,12 @@ def test_truth_orientation_reproduces_the_frame(sim):
     assert model[good].sum() == pytest.approx(float(r["signal_photons_expected"]), rel=0.02)
     img = _frame(sim, r).astype(float)
     rng = np.random.default_rng(0)
-    other = noise_free_pattern(ref, geom, random_quaternions(1, rng)[0], scale=float(r["diameter_nm"]) / 70.0, xp=np)
     c_true = np.corrcoef(img[good], model[good])[0, 1]
-    c_other = np.corrcoef(img[good], other[good])[0, 1]
-    assert c_true > 0.9 and c_true > c_other + 0.05
+    assert c_true > 0.9
+    # the capsid is nearly round, so other orientations correlate well too, but less
+    for q in random_quaternions(5, rng):
+        other = noise_free_pattern(ref, geom, q, scale=float(r["diameter_nm"]) / 70.0, xp=np)
+        assert c_true > np.corrcoef(img[good], other[good])[0, 1]
 
 
 def test_beam_centre_is_the_friedel_centre(sim):
