@@ -21,6 +21,7 @@ include: "workflow/rules/common.smk"
 include: "workflow/rules/simulate.smk"
 include: "workflow/rules/spa_import.smk"
 include: "workflow/rules/spi_import.smk"
+include: "workflow/rules/spi_preprocess.smk"
 
 
 rule all:

@@ -109,7 +109,7 @@ def spa_targets(wildcards=None):
 def spi_targets(wildcards=None):
     if not config.get("spi"):
         return []
-    return [f"{RESULTS}/spi/shots.csv"]
+    return [f"{RESULTS}/spi/shots.csv", f"{RESULTS}/spi/frames"]
 
 
 def all_targets(wildcards=None):
