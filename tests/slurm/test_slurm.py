@@ -76,38 +76,77 @@ def failure_report(workdir: Path, log: str) -> str:
     return "\n".join(parts)
 
 
+def real_workflow_inputs() -> tuple[Path, Path] | None:
+    snakefile = REPO / "Snakefile"
+    configfile = REPO / "tests" / "configs" / "tiny.yaml"
+    if not snakefile.exists() or not configfile.exists():
+        return None
+    return snakefile, configfile
+
+
+def linked_workdir(workdir: Path) -> Path:
+    """A working directory that sees the repository's inputs (config, resources, tests)
+    through links but keeps its own results/, logs/ and .snakemake/."""
+    workdir.mkdir()
+    for entry in REPO.iterdir():
+        if entry.name not in OUTPUT_ENTRIES:
+            (workdir / entry.name).symlink_to(entry)
+    return workdir
+
+
 @pytest.fixture(scope="module")
-def tiny_runs(slurm_cluster, tmp_path_factory):
-    """Run the tiny workflow through both site profiles, side by side."""
+def slurm_runs(slurm_cluster, tmp_path_factory):
+    """All runs of this module at once (most of their time is spent waiting for SLURM
+    status checks): the tiny workflow through mesocentre and gpgpu, and the real
+    workflow on its tiny configuration through mesocentre when it exists. Each run's
+    site block gets a share of the node (cores and memory)."""
     cmd = snakemake_cmd()
-    # both runs at once: each group job gets half the node
-    cores = max(1, slurm_cluster.cpus // 2)
-    mem_mb = slurm_cluster.real_memory_mb // 2 - 256
-    runs = {}
+    real = real_workflow_inputs()
+    shares = 3 if real else 2
+    cores = max(1, slurm_cluster.cpus // shares)
+    mem_mb = slurm_cluster.real_memory_mb // shares - 256
+    common = ["--slurm-init-seconds-before-status-checks", "1"]
+    plans = {}
     for name in ("mesocentre", "gpgpu"):
         base = tmp_path_factory.mktemp(f"slurm_{name}")
         profile = site_profile(name, base / "profiles", cores=cores, mem_mb=mem_mb)
         workdir = base / "work"
         workdir.mkdir()
-        args = cmd + [
+        plans[name] = (base, workdir, 300, cmd + [
             "--snakefile", str(HERE / "Snakefile"),
             "--workflow-profile", str(WORKFLOW_PROFILE),
             "--profile", str(profile),
-            "--slurm-init-seconds-before-status-checks", "1",
+            *common,
             "--verbose",
             "--config", "movies=['m1','m2']", "sleep=0",
             # mesocentre also checks that a job killed for memory comes back with more
             f"retry_check={name == 'mesocentre'}",
             "--retries", "1" if name == "mesocentre" else "0",
-        ]
+        ])
+    if real:
+        snakefile, configfile = real
+        base = tmp_path_factory.mktemp("slurm_real")
+        profile = site_profile("mesocentre", base / "profiles", cores=cores, mem_mb=mem_mb)
+        workdir = linked_workdir(base / "work")
+        plans["real"] = (base, workdir, 1200, cmd + [
+            "--snakefile", str(snakefile),
+            "--configfile", str(configfile),
+            "--profile", str(profile),
+            *common,
+            "--retries", "0",
+        ])
+
+    started = {}
+    for name, (base, workdir, timeout, args) in plans.items():
         log = open(base / "snakemake.log", "w")
         proc = subprocess.Popen(args, cwd=workdir, stdout=log, stderr=subprocess.STDOUT,
                                 env=env_for_run(), text=True)
-        runs[name] = (proc, base, workdir, log, time.monotonic())
+        started[name] = (proc, log, time.monotonic())
     results = {}
-    for name, (proc, base, workdir, log, t0) in runs.items():
+    for name, (proc, log, t0) in started.items():
+        base, workdir, timeout, _ = plans[name]
         try:
-            rc = proc.wait(timeout=240)
+            rc = proc.wait(timeout=max(1.0, timeout - (time.monotonic() - t0)))
         except subprocess.TimeoutExpired:
             proc.terminate()
             rc = proc.wait(timeout=60)
@@ -127,8 +166,8 @@ def sbatch_calls(log: str) -> list[str]:
 
 
 @pytest.mark.parametrize("profile", ["mesocentre", "gpgpu"])
-def test_tiny_workflow_runs_through_slurm(tiny_runs, profile):
-    run = tiny_runs[profile]
+def test_tiny_workflow_runs_through_slurm(slurm_runs, profile):
+    run = slurm_runs[profile]
     workdir = run["workdir"]
     assert run["rc"] == 0, failure_report(workdir, run["log"])
 
@@ -174,58 +213,39 @@ def test_tiny_workflow_runs_through_slurm(tiny_runs, profile):
         assert records["merged"]["cuda_visible_devices"] == "none"
 
 
-def real_workflow_inputs() -> tuple[Path, Path]:
-    snakefile = REPO / "Snakefile"
-    configfile = REPO / "tests" / "configs" / "tiny.yaml"
-    if not snakefile.exists() or not configfile.exists():
+def test_real_workflow_through_mesocentre(slurm_runs):
+    """The repository's Snakefile, default target, tests/configs/tiny.yaml, through the
+    mesocentre profile (and the repository's workflow profile, found next to it)."""
+    if real_workflow_inputs() is None:
         pytest.skip("workflow not present")
-    return snakefile, configfile
-
-
-def test_real_workflow_through_mesocentre(slurm_cluster, tmp_path):
-    snakefile, configfile = real_workflow_inputs()
-    cmd = snakemake_cmd()
-    profile = site_profile("mesocentre", tmp_path / "profiles", cores=slurm_cluster.cpus,
-                           mem_mb=slurm_cluster.real_memory_mb - 512)
-    # a working directory that sees the repository's inputs (config, resources, tests)
-    # through links but keeps its own results/, logs/ and .snakemake/
-    workdir = tmp_path / "work"
-    workdir.mkdir()
-    for entry in REPO.iterdir():
-        if entry.name not in OUTPUT_ENTRIES:
-            (workdir / entry.name).symlink_to(entry)
-    args = cmd + [
-        "--snakefile", str(snakefile),
-        "--configfile", str(configfile),
-        "--profile", str(profile),
-        "--slurm-init-seconds-before-status-checks", "1",
-        "--retries", "0",
-    ]
-    proc = subprocess.run(args, cwd=workdir, capture_output=True, text=True,
-                          env=env_for_run(), timeout=1200)
-    log = proc.stdout + proc.stderr
-    assert proc.returncode == 0, failure_report(workdir, log)
+    run = slurm_runs["real"]
+    workdir, log = run["workdir"], run["log"]
+    assert run["rc"] == 0, failure_report(workdir, log)
     submitted = re.findall(r"submitted with SLURM jobid (\d+)", log)
     assert submitted, "no job was submitted to SLURM:\n" + failure_report(workdir, log)
-    assert "Using profile" in log and "workflow specific profile" in log, log[:2000]
+    assert "workflow specific profile" in log, log[:2000]
     assert (workdir / "results").is_dir(), failure_report(workdir, log)
 
 
-def test_out_of_memory_exit_is_retried_with_more_memory(tiny_runs):
-    """spa_select exits 137 below 8000 MB; profiles/default gives it 4000 MB x attempt."""
-    run = tiny_runs["mesocentre"]
+def test_out_of_memory_exit_is_retried_with_more_memory(slurm_runs):
+    """spa_select exits 137 below 5000 MB; profiles/default gives it 4000 MB x attempt
+    (never more than the site's memory per job)."""
+    run = slurm_runs["mesocentre"]
     workdir = run["workdir"]
     assert run["rc"] == 0, failure_report(workdir, run["log"])
+    # inside the job the rule sees the attempt's value (2 x 4000); SLURM was asked for
+    # that, capped at the site's memory per job (the cap is not passed into the job)
     record = read_record(workdir / "out" / "select.txt")
     assert record["mem_mb"] == "8000" and record["slurm_job_id"] != "none", record
     select_calls = [c for c in sbatch_calls(run["log"]) if "rule_spa_select" in c]
-    assert [re.search(r"--mem (\d+)", c).group(1) for c in select_calls] == ["4000", "8000"]
+    requested = [re.search(r"--mem (\d+)", c).group(1) for c in select_calls]
+    assert requested == ["4000", str(min(8000, run["mem_cap"]))], requested
 
 
-def test_independent_jobs_are_submitted_side_by_side(tiny_runs):
+def test_independent_jobs_are_submitted_side_by_side(slurm_runs):
     """spa_select does not wait for the group job: the profiles' group_slot resource
     limits each SLURM job, not the whole run."""
-    log = tiny_runs["mesocentre"]["log"]
+    log = slurm_runs["mesocentre"]["log"]
     lines = log.splitlines()
     first_select = next(i for i, ln in enumerate(lines)
                         if "sbatch call:" in ln and "rule_spa_select" in ln)
