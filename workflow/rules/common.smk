@@ -40,9 +40,16 @@ def container_for(tool):
     return config["containers"].get(tool)
 
 
-def conveyor_cmd():
-    """The conveyor CLI with the configured device."""
-    return f"conveyor --device {config['device']}"
+def conveyor_cmd(wildcards, resources):
+    """The conveyor CLI with the device for this job.
+
+    `device: auto` becomes gpu for jobs that were given a GPU (the gpgpu profile gives
+    GPU rules `gpu: 1`) and cpu otherwise, so a CPU job never grabs a GPU it did not ask for.
+    """
+    device = config["device"]
+    if device == "auto":
+        device = "gpu" if int(resources.get("gpu", 0) or 0) > 0 else "cpu"
+    return f"conveyor --device {device}"
 
 
 @functools.lru_cache(maxsize=None)

@@ -13,7 +13,7 @@ rule spi_hits:
     benchmark:
         f"{BENCH}/spi_hits/{{run}}.tsv"
     params:
-        conveyor=conveyor_cmd(),
+        conveyor=conveyor_cmd,
         threshold=lambda wc: config["spi"]["hits"]["threshold"],
         k_sigma=lambda wc: config["spi"]["hits"]["k_sigma"],
         extra=lookup(dpath="spi/hits/extra", within=config, default=""),
@@ -39,7 +39,7 @@ rule spi_center:
     benchmark:
         f"{BENCH}/spi_center/{{run}}.tsv"
     params:
-        conveyor=conveyor_cmd(),
+        conveyor=conveyor_cmd,
         per_frame=lambda wc: "--per-frame" if config["spi"]["center"]["per_frame"] else "",
         extra=lookup(dpath="spi/center/extra", within=config, default=""),
     threads: 1
@@ -64,7 +64,7 @@ rule spi_size:
     benchmark:
         f"{BENCH}/spi_size/{{run}}.tsv"
     params:
-        conveyor=conveyor_cmd(),
+        conveyor=conveyor_cmd,
         search=lambda wc: "--dmin-nm {search_min_nm} --dmax-nm {search_max_nm}".format(**config["spi"]["size"]),
         extra=lookup(dpath="spi/size/extra", within=config, default=""),
     threads: 1
@@ -92,7 +92,7 @@ rule spi_filter:
     log:
         f"{LOGS}/spi_filter.log",
     params:
-        conveyor=conveyor_cmd(),
+        conveyor=conveyor_cmd,
         window=lambda wc: (
             "--dmin-nm {dmin_nm} --dmax-nm {dmax_nm} --min-score {min_score}"
             " --max-multi {max_multi}".format(**config["spi"]["size"])
