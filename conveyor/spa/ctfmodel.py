@@ -1,8 +1,13 @@
 """The contrast transfer function of a transmission electron microscope (weak-phase approximation).
 
-Conventions (RELION's)
-----------------------
-* Defocus in Å, positive = underfocus. ``defocus_u >= defocus_v`` by convention but not required.
+Conventions
+-----------
+* Sign: this is the CTF of the *recorded* image, in which protein is dark: it is negative
+  at low frequency (-w at k = 0). Extracted particles are contrast-inverted (protein
+  white, RELION's convention), and the CTF that applies to them is ``-ctf_2d(...)``,
+  positive at low frequency, which is the sign RELION uses. CTF fitting uses CTF² and
+  does not care.
+* Defocus in Å, positive = underfocus (RELION). ``defocus_u >= defocus_v`` by convention but not required.
 * ``defocus_angle`` (degrees) is the angle of the U axis from the +x axis, counter-clockwise.
 * Spherical aberration ``cs`` in mm, voltage in kV, phase shift in degrees.
 * Spatial frequencies in 1/Å.
