@@ -6,12 +6,13 @@ The steps (see ``docs/algorithms/motion.md`` for the full description):
    sum of all the *other* frames (so its own shot noise never correlates with itself), in
    Fourier space, with a B-factor low-pass, after mean subtraction and a soft edge taper.
    The spectra are Fourier-cropped to the band the low-pass leaves (and optionally binned
-   further) before any of this, so the work does not grow with the detector size. The
-   first iteration finds the integer peak of the cross-correlation map within
-   ``max_shift`` using running sums of a few frames (robust at low dose), the next two
-   search near the current shifts frame by frame, each refined by a parabola; then Newton
-   steps on the band-limited (continuous) cross-correlation, whose gradient and Hessian at
-   the current shift are weighted sums over the cropped spectrum. Frames are re-shifted
+   further) before any of this, so the work does not grow with the detector size. Coarse
+   iterations on running sums of a few frames (robust at low dose) find the integer peak
+   of the cross-correlation map, within ``max_shift`` first (single-frame outliers are
+   replaced by their neighbours' median), then near the current shifts, each refined by a
+   parabola; then, frame by frame, Newton steps on the band-limited (continuous)
+   cross-correlation, whose gradient and Hessian at the current shift are weighted sums
+   over the cropped spectrum. Frames are re-shifted
    (Fourier phase ramps) and the references rebuilt after every iteration until no shift
    changes by more than ``tol`` (0.01 px). Optionally (``smooth``) the trajectory is
    smoothed by a Whittaker smoother whose strength can be chosen by generalised
@@ -264,8 +265,9 @@ class _Grid:
     kx: object  # [mx // 2 + 1]
     weight: object  # B-factor weight x Hermitian multiplicity mask, [my, mkx] float32
     hw: object  # Hermitian multiplicity of columns (1, 2, ..., 2, 0), [mkx] float32
-    search: object  # bool [my, mx]: CC-map pixels inside max_shift
-    search_near: object  # bool [my, mx]: CC-map pixels within a few px (refinement iterations)
+    max_shift: float  # px, largest shift searched in the CC map
+    dist_y: object  # |shift| (px) of every CC-map row, [my, 1] (device float32)
+    dist_x: object  # [1, mx]
 
     @property
     def scale(self):
@@ -291,16 +293,14 @@ def _make_grid(ny, nx, pixel_size, bfactor, binning, max_shift, xp) -> _Grid:
     scy, scx = ny / my, nx / mx
     yy = np.where(np.arange(my) <= my // 2, np.arange(my), np.arange(my) - my) * scy
     xx = np.where(np.arange(mx) <= mx // 2, np.arange(mx), np.arange(mx) - mx) * scx
-    lim = float(max_shift)
-    search = (np.abs(yy)[:, None] <= lim) & (np.abs(xx)[None, :] <= lim)
-    near = max(3.0 * max(scy, scx), 4.0)
-    search_near = (np.abs(yy)[:, None] <= near) & (np.abs(xx)[None, :] <= near) & search
-    for m in (search, search_near):
-        m[my // 2, :] = False
-        m[:, mx // 2] = False
+    dy = np.abs(yy)
+    dx = np.abs(xx)
+    dy[my // 2] = np.inf  # the CC map's Nyquist row/column are never a peak
+    dx[mx // 2] = np.inf
     f32 = xp.float32
     return _Grid(ny, nx, my, mx, xp.asarray(rows), xp.asarray(ky, dtype=f32), xp.asarray(kx, dtype=f32),
-                 xp.asarray(w, dtype=f32), xp.asarray(hw, dtype=f32), xp.asarray(search), xp.asarray(search_near))
+                 xp.asarray(w, dtype=f32), xp.asarray(hw, dtype=f32), float(max_shift),
+                 xp.asarray(dy[:, None], dtype=f32), xp.asarray(dx[None, :], dtype=f32))
 
 
 def _cropped_spectra(images, grid: _Grid, taper_width: float, xp, chunk_px: int = 1 << 24):
@@ -366,12 +366,19 @@ def _window_sums(a, group: int, xp):
     return weighted, support
 
 
-def _coarse_peak(cross, grid: _Grid, xp, near: bool = False):
-    """Integer CC peak inside the search window + parabolic refinement -> shifts [..., 2] (px)."""
+def _coarse_peak(cross, grid: _Grid, xp, radius=None):
+    """Integer CC peak + parabolic refinement -> shifts [..., 2] px.
+
+    The peak is searched within ``radius`` px (per unit, broadcast to ``cross.shape[:-2]``;
+    default and upper limit ``max_shift``).
+    """
     lead = cross.shape[:-2]
     cc = _fft(xp).irfft2(cross.reshape((-1,) + cross.shape[-2:]), s=(grid.my, grid.mx))
     nb = cc.shape[0]
-    masked = xp.where((grid.search_near if near else grid.search)[None], cc, -xp.inf)
+    lim = np.full(lead, grid.max_shift) if radius is None else np.minimum(radius, grid.max_shift)
+    lim = xp.asarray(np.broadcast_to(lim, lead).reshape(nb, 1, 1), dtype=xp.float32)
+    inside = (grid.dist_y[None] <= lim) & (grid.dist_x[None] <= lim)
+    masked = xp.where(inside, cc, -xp.inf)
     idx = xp.argmax(masked.reshape(nb, -1), axis=1)
     py, px = idx // grid.mx, idx % grid.mx
     b = xp.arange(nb)
@@ -414,6 +421,29 @@ def _newton_step(cross, grid: _Grid, xp, max_step: float):
     return np.where(norm > max_step, d * (max_step / np.maximum(norm, 1e-30)), d)
 
 
+def _despike(d, min_jump: float):
+    """Replace single-frame spikes of a trajectory [..., n, 2] by the median of its neighbours.
+
+    The running median over 5 frames (the ends extended by point reflection, so that a
+    steady drift is its own median) keeps steps and steady motion; a frame further than
+    ``max(min_jump, 5 robust sigma)`` from it is taken for a false peak of a noisy
+    cross-correlation (a wide search at low dose) and replaced by the median. Returns the
+    trajectory and, per frame, the distance of a replaced estimate (0 if kept).
+    """
+    first, last = d[..., :1, :], d[..., -1:, :]
+    ext = np.concatenate([2 * first - d[..., 2:0:-1, :], d, 2 * last - d[..., -2:-4:-1, :]], axis=-2)
+    win = np.lib.stride_tricks.sliding_window_view(ext, 5, axis=-2)  # [..., n, 2, 5]
+    med = np.median(win, axis=-1)
+    # the end frames: the median of three linear extrapolations from their neighbours
+    for end, a, b in ((0, 1, 2), (-1, -2, -3)):
+        d1, d2 = d[..., a, :], d[..., b, :]
+        med[..., end, :] = np.median(np.stack([d1, 2 * d1 - d2, 3 * d1 - 2 * d2]), axis=0)
+    dev = np.linalg.norm(d - med, axis=-1)
+    sigma = 1.4826 * np.median(dev, axis=-1, keepdims=True)
+    bad = dev > np.maximum(min_jump, 5.0 * sigma)
+    return np.where(bad[..., None], med, d), np.where(bad, dev, 0.0)
+
+
 def _group_bounds(n: int, group: int):
     """Contiguous groups of about ``group`` frames (at least 2 groups): list of (start, stop)."""
     ng = max(2, n // max(1, int(group))) if group > 1 else n
@@ -428,10 +458,13 @@ def _align_spectra(spec, grid: _Grid, init, *, group=1, max_iter=20, tol=0.01, c
     spec : [..., n, my, mkx] cropped spectra (batch of independent stacks in the leading axes)
     init : [..., n, 2] initial shifts (px); their mean over frames is kept (gauge).
 
-    Iteration 1 searches the whole window (``max_shift``) with running sums of
-    ``coarse_group`` frames (default: ~n/4, 1-5) for a robust start; iterations 2-3 search
-    the CC map near the current shifts; then Newton steps on the continuous CC until no
-    shift changes by more than ``tol``. With ``group > 1`` the frames are split into
+    The coarse iterations (2 to 5, until the shifts change by less than half a CC-map
+    pixel) use running sums of ``coarse_group`` frames (default: ~n/4, 1-5) for robustness
+    at low dose; the first searches the whole window (``max_shift``) and replaces
+    single-frame outliers by their neighbours' median, the next ones search near the
+    current shifts (a few px, more for frames still moving). Then, frame by frame (or
+    group by group), Newton steps on the continuous CC, kept within 1.5 CC-map pixels of
+    the coarse result, until no shift changes by more than ``tol``. With ``group > 1`` the frames are split into
     contiguous groups of about ``group`` frames; each group sum is aligned against the sum
     of the other groups and moves as a whole (on top of ``init``), and at the end the group
     corrections are interpolated linearly between group centres.
@@ -453,31 +486,65 @@ def _align_spectra(spec, grid: _Grid, init, *, group=1, max_iter=20, tol=0.01, c
     size = member.sum(axis=1)
     c = np.zeros(init.shape[:-2] + (ng, 2))  # group corrections on top of init
     max_step = 0.75 * max(grid.scale)
+    base = max(3.0 * max(grid.scale), 4.0)  # smallest search radius of the later coarse iterations
+    cap = 1.5 * max(grid.scale)  # largest total Newton refinement of a coarse shift
+    t = np.arange(n)
+    hw = (coarse_group + 1) // 2 - 1
+    window = np.minimum(t + hw, n - 1) - np.maximum(t - hw, 0) + 1  # frames in each coarse window
+    radius = None  # per frame; None: the whole max_shift
+    coarse, n_coarse, c_coarse = True, 0, None
     converged, it = False, 0
     for it in range(1, max_iter + 1):
-        coarse = it <= 3
         s = init + np.einsum("gt,...gk->...tk", member, c)
         al = _shifted(spec, grid.ky, grid.kx, s, xp)
         tot = al.sum(axis=-3, keepdims=True)
-        if it == 1 and coarse_group > 1:
+        if coarse and coarse_group > 1:
             grp, sup = _window_sums(al, coarse_group, xp)
+            m = window
         elif ng == n:
             grp = sup = al
+            m = np.ones(n)
         else:
             grp = sup = xp.stack([al[..., a:b, :, :].sum(axis=-3) for a, b in bounds], axis=-3)
+            m = size
         cross = grp * xp.conj(tot - sup) * grid.weight
         del al, tot, grp, sup
-        if coarse:
-            d = _coarse_peak(cross, grid, xp, near=it > 1)
+        jumped = 0.0
+        if coarse:  # per frame (single frames or windows)
+            d = _coarse_peak(cross, grid, xp, radius)
+            if n_coarse == 0 and n >= 5:
+                # far outliers of the wide search: replaced by their neighbours' median
+                d, jumped = _despike(d, 3.0 * base)
         else:
             d = _newton_step(cross, grid, xp, max_step)
         del cross
+        # a unit (frame, group or window) of m frames measured against the other n - m frames
+        # sees its error times n / (n - m) once the mean is held fixed: undo that overshoot
+        # (else e.g. two frames swap sides forever)
+        d = d * ((n - m) / n)[:, None]
+        frame_step = np.max(np.abs(d), axis=-1)
         if d.shape[-2] != ng:  # per-frame measurements -> mean per group
             d = np.einsum("gt,...tk->...gk", member, d) / size[:, None]
+        c_prev = c.copy()
         c += d
         c -= (np.einsum("g,...gk->...k", size, c) / n)[..., None, :]  # keep the mean over frames
-        step = float(np.max(np.abs(d))) if d.size else 0.0
-        if not coarse and step < tol:
+        if not coarse:
+            # refinement stays within the coarse peak (a CC-map pixel and a half): at very low
+            # signal the continuous CC of single frames has other maxima nearby
+            if c_coarse is None:
+                c_coarse = c_prev
+            off = c - c_coarse
+            norm = np.linalg.norm(off, axis=-1, keepdims=True)
+            c = np.where(norm > cap, c_coarse + off * (cap / np.maximum(norm, 1e-30)), c)
+        step = float(np.max(np.abs(c - c_prev))) if c.size else 0.0
+        if coarse:
+            n_coarse += 1
+            # next search: near the current shift, wider for frames still moving (and for a
+            # replaced outlier, 3/4 of the way back to it, so a real fast frame is found again)
+            radius = np.maximum(base, np.maximum(1.5 * frame_step, 0.75 * jumped))
+            if (n_coarse >= 2 and step < 0.5 * max(grid.scale)) or n_coarse >= 5:
+                coarse = False
+        elif step < tol:
             converged = True
             break
     if ng == n:
@@ -665,8 +732,8 @@ class LocalModel:
         Enough patches survived to fit the model.
     significant : bool
         The model predicts the shifts of held-out patches (checkerboard cross-validation)
-        at least 10 % better (mean squared error) than no local model: the local motion is
-        real, worth applying.
+        at least 10 % better (mean squared error) than no local model, and better in both
+        folds: the local motion is real, worth applying.
     terms : tuple of str
         Spatial terms kept by the cross-validation: ``("1",)`` (a common correction of the
         whole-frame trajectory), ``("1", "x", "y")`` (affine) or all six; the others have
@@ -829,11 +896,11 @@ def _cv_error(r, inl, colour, terms, centres, shape):
     """Checkerboard cross-validation of a spatial model (None: no local model).
 
     Returns (mean squared prediction error on held-out patches, px², after removing each
-    held-out patch's free offset; rms noise of the full fit estimated from the two halves'
-    disagreement, px).
+    held-out patch's free offset; the same per fold [2]; rms noise of the full fit estimated
+    from the two halves' disagreement, px).
     """
     n, p, _ = r.shape
-    err, count, preds = 0.0, 0, []
+    folds, preds = [], []
     for train, test in ((~colour, colour), (colour, ~colour)):
         mask = inl & train[None, :]
         if terms is None:
@@ -841,7 +908,7 @@ def _cv_error(r, inl, colour, terms, centres, shape):
         else:
             k = 3 * len(terms) + int(train.sum()) + 2
             if int(train.sum()) < len(terms) + 1 or mask.sum() < k:
-                return float("inf"), float("inf")
+                return float("inf"), np.full(2, np.inf), float("inf")
             c = _fit_model(r, centres, shape, n, mask=mask, terms=terms)[0]
             pred = _predict(c, centres, shape, n)
         preds.append(pred)
@@ -850,10 +917,11 @@ def _cv_error(r, inl, colour, terms, centres, shape):
         cnt = m.sum(axis=0)
         off = d.sum(axis=0) / np.maximum(cnt, 1)[:, None]
         d = np.where(m[..., None], d - off[None], 0.0)
-        err += float(np.sum(d**2))
-        count += int(m.sum())
+        folds.append((float(np.sum(d**2)), int(m.sum())))
+    total = sum(f[0] for f in folds) / max(1, sum(f[1] for f in folds))
+    per_fold = np.array([e / max(c, 1) for e, c in folds])
     spread = float(np.sqrt(np.mean(np.sum((preds[0] - preds[1]) ** 2, axis=-1)) / 4.0))
-    return err / max(count, 1), spread
+    return total, per_fold, spread
 
 
 def local_alignment(frames, global_shifts, patches=(5, 5), *, pixel_size: float = 1.0, bfactor: float = 150.0,
@@ -937,15 +1005,15 @@ def local_alignment(frames, global_shifts, patches=(5, 5), *, pixel_size: float 
     # of patches (their measurement errors are independent, whatever the temporal correlations
     # within a patch): each spatial model is fitted to one colour and predicts the other; the
     # local model is used only if the best one predicts the held-out patches better than no
-    # local model at all.
+    # local model at all (by 10 %, and in both folds).
     npx = int(patches[0])
     colour = ((np.arange(npatch) % npx + np.arange(npatch) // npx) % 2).astype(bool)
     smaller = int(min(colour.sum(), (~colour).sum()))
     candidates = [_CONST, _AFFINE] + ([_FULL] if smaller >= 8 else [])
-    scores = {(): _cv_error(r, inl, colour, None, centres, (ny, nx))[0]}
-    spreads = {}
-    for terms in candidates:
-        scores[tuple(terms)], spreads[tuple(terms)] = _cv_error(r, inl, colour, terms, centres, (ny, nx))
+    scores, folds, spreads = {}, {}, {}
+    for terms in [None] + candidates:
+        key = tuple(terms) if terms else ()
+        scores[key], folds[key], spreads[key] = _cv_error(r, inl, colour, terms, centres, (ny, nx))
     best = min(scores, key=scores.get)
     chosen = list(best) if best else (candidates[-1])
     coeffs, offsets, _ = _fit_model(r, centres, (ny, nx), n, mask=inl, terms=chosen)
@@ -966,7 +1034,7 @@ def local_alignment(frames, global_shifts, patches=(5, 5), *, pixel_size: float 
     if good_patches < max(4, 0.5 * npatch) or n_inl < n_obs_min:
         model.valid, model.significant = False, False
         model.reason = f"only {good_patches} of {npatch} patches gave consistent shifts"
-    elif not best or not scores[best] < 0.9 * scores[()]:
+    elif not best or not scores[best] < 0.9 * scores[()] or not np.all(folds[best] < folds[()]):
         model.significant = False
         model.reason = (f"local motion ({amp:.3f} px rms) is not significant: it does not predict held-out "
                         f"patches better than no local model")
