@@ -424,8 +424,10 @@ def _newton_step(cross, grid: _Grid, xp, max_step: float):
 def _despike(d, min_jump: float):
     """Replace single-frame spikes of a trajectory [..., n, 2] by the median of its neighbours.
 
-    The running median over 5 frames (the ends extended by point reflection, so that a
-    steady drift is its own median) keeps steps and steady motion; a frame further than
+    The running median over 5 frames (the trajectory extended by point reflection at its
+    ends, and the end frames compared with the median of three linear extrapolations from
+    their neighbours, so that a steady drift is its own median) keeps steps and steady
+    motion; a frame further than
     ``max(min_jump, 5 robust sigma)`` from it is taken for a false peak of a noisy
     cross-correlation (a wide search at low dose) and replaced by the median. Returns the
     trajectory and, per frame, the distance of a replaced estimate (0 if kept).
