@@ -20,6 +20,7 @@ report: "workflow/report/workflow.rst"
 include: "workflow/rules/common.smk"
 include: "workflow/rules/simulate.smk"
 include: "workflow/rules/spa_import.smk"
+include: "workflow/rules/spa_preprocess.smk"
 include: "workflow/rules/spi_import.smk"
 include: "workflow/rules/spi_preprocess.smk"
 

@@ -50,6 +50,13 @@ def test_tiny_end_to_end(tiny_run):
 
     shots = pd.read_csv(res / "spi/shots.csv")
     assert len(shots) == 2 and (shots["frames"] == 20).all()
+    # preprocessing merged: one CTF row per micrograph, particles with CTF and image names
+    mics = read_star(res / "spa/micrographs_ctf.star")["micrographs"]
+    assert len(mics) == 2 and (mics["rlnDefocusU"] > 5000).all()
+    parts = read_star(res / "spa/particles_bin4.star")
+    assert float(parts["optics"]["rlnImagePixelSize"][0]) == pytest.approx(12.0)
+    assert len(parts["particles"]) > 0 and parts["particles"]["rlnImageName"].str.contains("@").all()
+    assert (res / "spi/frames/summary.json").exists() and (res / "spi/size_histogram.png").exists()
     # every job left its log
     assert list((tiny_run / "logs/tiny/spa_validate_movie").glob("*.log"))
 

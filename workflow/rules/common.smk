@@ -32,6 +32,7 @@ SIM = config["simulate"]
 
 wildcard_constraints:
     mic=r"[^/]+",
+    bin=r"[124]",
     run=r"[^/]+",
 
 
@@ -110,7 +111,11 @@ def spi_validated(wildcards=None):
 def spa_targets(wildcards=None):
     if not config.get("spa"):
         return []
-    return [f"{RESULTS}/spa/movies.star"]
+    return [
+        f"{RESULTS}/spa/movies.star",
+        f"{RESULTS}/spa/micrographs_ctf.star",
+        f"{RESULTS}/spa/particles_bin{spa_first_bin()}.star",
+    ]
 
 
 def spi_targets(wildcards=None):
