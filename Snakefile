@@ -23,6 +23,7 @@ include: "workflow/rules/spa_import.smk"
 include: "workflow/rules/spa_preprocess.smk"
 include: "workflow/rules/spi_import.smk"
 include: "workflow/rules/spi_preprocess.smk"
+include: "workflow/rules/spi_classify.smk"
 
 
 rule all:
@@ -39,3 +40,8 @@ rule spa:
 rule spi:
     input:
         spi_targets,
+        spi_selected_targets,
+
+
+onsuccess:
+    report_pauses()

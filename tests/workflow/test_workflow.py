@@ -49,7 +49,7 @@ def test_tiny_end_to_end(tiny_run):
     import pandas as pd
 
     shots = pd.read_csv(res / "spi/shots.csv")
-    assert len(shots) == 2 and (shots["frames"] == 20).all()
+    assert len(shots) == 2 and (shots["frames"] == 40).all()
     # preprocessing merged: one CTF row per micrograph, particles with CTF and image names
     mics = read_star(res / "spa/micrographs_ctf.star")["micrographs"]
     assert len(mics) == 2 and (mics["rlnDefocusU"] > 5000).all()
@@ -142,3 +142,33 @@ def test_empty_glob_is_reported(repo, tmp_path, snakemake_exe):
 def test_movie_records(tiny_run):
     rec = json.loads(next((tiny_run / "results/tiny/spa/movies").glob("*.json")).read_text())
     assert rec["n_frames"] == 6
+
+
+def test_manual_selection_pauses_then_resumes(repo, tiny_run, tmp_path):
+    """selection: manual stops cleanly after 2D classification and continues once the file exists."""
+    work = tmp_path / "m"
+    shutil.copytree(tiny_run / "data/tiny/spi", work / "data/tiny/spi")
+    cfg = yaml.safe_load((repo / "tests/configs/tiny.yaml").read_text())
+    cfg.pop("simulate")
+    cfg.pop("spa")
+    cfg["experiment"] = "man"
+    cfg["spi"]["selection"] = "manual"
+    path = work / "man.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    out = run_snakemake(repo, work, path)
+    text = out.stdout + out.stderr
+    sel = work / "results/man/spi/select/classes.yaml"
+    assert "class selection needed" in text and str(sel.relative_to(work)) in text
+    assert (work / "results/man/spi/class2d/gallery.png").exists()
+    assert not (work / "results/man/spi/select/frames.csv").exists()
+    # a class that does not exist is refused with the valid list
+    from conveyor.cli import main
+
+    classdir = str(work / "results/man/spi/class2d")
+    assert main(["select", "spi", "--class-dir", classdir, "--classes", "99", "--out", str(sel)]) == 2
+    assert not sel.exists()
+    assert main(["select", "spi", "--class-dir", classdir, "--classes", "1", "2", "--out", str(sel)]) == 0
+    out = run_snakemake(repo, work, path)
+    text = out.stdout + out.stderr
+    assert "spi_class2d" not in text.split("Job stats")[-1].split("Reasons")[0] or "spi_class2d " not in text
+    assert (work / "results/man/spi/select/frames.csv").exists()

@@ -93,11 +93,15 @@ def spi_raw_runs():
     return _discover(spi["shots"], "spi.shots", (".cxi", ".h5", ".hdf5"))
 
 
-def spi_shot_file(wildcards):
+def spi_shot_path(run):
     """The CXI file of one run: the raw file, or the imported one for CXIDB input."""
     if config["spi"].get("cxidb"):
-        return f"{RESULTS}/spi/cxi/{wildcards.run}.cxi"
-    return spi_raw_runs()[wildcards.run]
+        return f"{RESULTS}/spi/cxi/{run}.cxi"
+    return spi_raw_runs()[run]
+
+
+def spi_shot_file(wildcards):
+    return spi_shot_path(wildcards.run)
 
 
 def spa_validated(wildcards=None):
@@ -121,11 +125,11 @@ def spa_targets(wildcards=None):
 def spi_targets(wildcards=None):
     if not config.get("spi"):
         return []
-    return [f"{RESULTS}/spi/shots.csv", f"{RESULTS}/spi/frames"]
+    return [f"{RESULTS}/spi/shots.csv", f"{RESULTS}/spi/frames", f"{RESULTS}/spi/class2d/gallery.png"]
 
 
 def all_targets(wildcards=None):
-    return spa_targets() + spi_targets()
+    return spa_targets() + spi_targets() + spi_selected_targets()
 
 
 # Fail at once, before any job, on an empty or ambiguous input glob (unless the input is
@@ -211,3 +215,52 @@ def spa_merge_opts(wildcards):
         f"--max-ctf-resolution {m['max_ctf_resolution']}"
         f" --max-drift {m['max_drift'] / spa['pixel_size']:.2f}"
     )
+
+
+# --- class selection: checkpoints that pause for the user ------------------------------
+
+PAUSED = []  # (pipeline, gallery, selection file, command) for selections still to be made
+
+
+def spi_selection_file():
+    return f"{RESULTS}/spi/select/classes.yaml"
+
+
+def spi_manual_selection_input(wildcards):
+    return [spi_selection_file()] if config["spi"]["selection"] == "manual" else []
+
+
+def spi_selection_ready():
+    """After the 2D classification: True if the pipeline may go on, else record a pause."""
+    checkpoints.spi_class2d.get()
+    if config["spi"]["selection"] == "auto" or Path(spi_selection_file()).exists():
+        return True
+    entry = (
+        "SPI",
+        f"{RESULTS}/spi/class2d/gallery.png",
+        spi_selection_file(),
+        f"conveyor select spi --class-dir {RESULTS}/spi/class2d --classes 1 4 7 --out {spi_selection_file()}",
+    )
+    if entry not in PAUSED:
+        PAUSED.append(entry)
+    return False
+
+
+def spi_selected_targets(wildcards=None):
+    if not config.get("spi"):
+        return []
+    return [f"{RESULTS}/spi/select/frames.csv"] if spi_selection_ready() else []
+
+
+def report_pauses():
+    """Tell the user which selection the run is waiting for (called on success)."""
+    for pipeline, gallery, selection, command in PAUSED:
+        print(
+            f"\n=== {pipeline} class selection needed (selection: manual) ===\n"
+            f"  1. look at the class gallery: {gallery}\n"
+            f"  2. write the classes to keep to {selection}, e.g.\n"
+            f"         classes: [1, 4, 7]\n"
+            f"     or run: {command}\n"
+            f"  3. re-run the same snakemake command: it continues from here without recomputing.\n",
+            file=sys.stderr,
+        )
