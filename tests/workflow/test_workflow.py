@@ -173,3 +173,25 @@ def test_manual_selection_pauses_then_resumes(repo, tiny_run, tmp_path):
     run_snakemake(repo, work, path)
     assert classes_h5.stat().st_mtime_ns == before, "the classification was recomputed"
     assert (work / "results/man/spi/select/frames.csv").exists()
+
+
+@pytest.mark.peer
+def test_relion_as_the_tool_of_three_stages(repo, tiny_run, tmp_path):
+    """spa.<stage>.tool: relion runs RELION 3.1 and the merge reads its converted outputs."""
+    if shutil.which("relion_run_motioncorr") is None:
+        pytest.skip("RELION 3.1 is not installed (apt-get install relion; `make test` does it as root)")
+    work = tmp_path / "r"
+    shutil.copytree(tiny_run / "data/tiny/spa", work / "data/tiny/spa")
+    cfg = yaml.safe_load((repo / "tests/configs/tiny.yaml").read_text())
+    cfg.pop("simulate")
+    cfg.pop("spi")
+    cfg["experiment"] = "rel"
+    for stage in ("motion", "pick", "extract"):
+        cfg["spa"][stage] = {"tool": "relion"}
+    path = work / "rel.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    run_snakemake(repo, work, path)
+    mics = read_star(work / "results/rel/spa/micrographs_ctf.star")["micrographs"]
+    assert len(mics) == 2
+    parts = read_star(work / "results/rel/spa/particles_bin4.star")["particles"]
+    assert len(parts) > 0

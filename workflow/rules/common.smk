@@ -264,3 +264,45 @@ def report_pauses():
             f"  3. re-run the same snakemake command: it continues from here without recomputing.\n",
             file=sys.stderr,
         )
+
+
+# --- peer tools per SPA stage (config `spa.<stage>.tool`) ----------------------------
+# (command after `conveyor`, container): every tool takes the native command's options and
+# writes the same files, so the rules do not change with the tool.
+SPA_TOOLS = {
+    "motion": {
+        "conveyor": ("spa motion", "conveyor"),
+        "relion": ("tools relion-motion", "relion"),
+        "motioncor2": ("tools motioncor2 --image {image}", None),
+    },
+    "ctf": {
+        "conveyor": ("spa ctf", "conveyor"),
+        "ctffind": ("tools ctffind --image {image}", None),
+    },
+    "pick": {
+        "conveyor": ("spa pick", "conveyor"),
+        "relion": ("tools relion-autopick", "relion"),
+        "gautomatch": ("tools gautomatch --image {image}", None),
+    },
+    "extract": {
+        "conveyor": ("spa extract", "conveyor"),
+        "relion": ("tools relion-extract", "relion"),
+    },
+}
+# images that the adapters start themselves with `apptainer exec`
+SPA_TOOL_IMAGES = {"motioncor2": "motioncor2", "ctffind": "ctffind", "gautomatch": "ctffind"}
+
+
+def spa_tool(stage):
+    """The conveyor sub-command that runs a SPA stage with the configured tool."""
+    tool = (config.get("spa") or {}).get(stage, {}).get("tool", "conveyor")
+    command, _ = SPA_TOOLS[stage][tool]
+    image = config["containers"].get(SPA_TOOL_IMAGES.get(tool, ""), "")
+    return command.format(image=f"'{image}'")
+
+
+def spa_tool_container(stage):
+    """The Apptainer image a SPA stage's job runs in (None: the adapter starts its own)."""
+    tool = (config.get("spa") or {}).get(stage, {}).get("tool", "conveyor")
+    name = SPA_TOOLS[stage][tool][1]
+    return container_for(name) if name else None

@@ -18,6 +18,7 @@ rule spa_motion:
         f"{BENCH}/spa_motion/{{mic}}.tsv"
     params:
         conveyor=conveyor_cmd,
+        tool=spa_tool("motion"),
         opts=spa_motion_opts,
         extra=lookup(dpath="spa/motion/extra", within=config, default=""),
     threads: 2
@@ -25,9 +26,9 @@ rule spa_motion:
         mem_mb=lambda wc, attempt: 8000 * attempt,
         runtime=30,
     container:
-        container_for("conveyor")
+        spa_tool_container("motion")
     shell:
-        "{params.conveyor} spa motion {input.movie:q} {params.opts}"
+        "{params.conveyor} {params.tool} {input.movie:q} {params.opts}"
         " --out-sum {output.dw:q} --out-sum-nodw {output.nodw:q}"
         " --out-shifts {output.shifts:q} --out-plot {output.plot:q} {params.extra}"
         " > {log:q} 2>&1"
@@ -45,6 +46,7 @@ rule spa_ctf:
         f"{BENCH}/spa_ctf/{{mic}}.tsv"
     params:
         conveyor=conveyor_cmd,
+        tool=spa_tool("ctf"),
         opts=spa_ctf_opts,
         name=f"{RESULTS}/spa/motion/{{mic}}.mrc",
         extra=lookup(dpath="spa/ctf/extra", within=config, default=""),
@@ -53,9 +55,9 @@ rule spa_ctf:
         mem_mb=lambda wc, attempt: 4000 * attempt,
         runtime=15,
     container:
-        container_for("conveyor")
+        spa_tool_container("ctf")
     shell:
-        "{params.conveyor} spa ctf {input.mic:q} {params.opts} --micrograph-name {params.name:q}"
+        "{params.conveyor} {params.tool} {input.mic:q} {params.opts} --micrograph-name {params.name:q}"
         " --out-star {output.star:q} --out-diag {output.diag:q} {params.extra} > {log:q} 2>&1"
 
 
@@ -71,6 +73,7 @@ rule spa_pick:
         f"{BENCH}/spa_pick/{{mic}}.tsv"
     params:
         conveyor=conveyor_cmd,
+        tool=spa_tool("pick"),
         opts=spa_pick_opts,
         extra=lookup(dpath="spa/pick/extra", within=config, default=""),
     threads: 1
@@ -78,9 +81,9 @@ rule spa_pick:
         mem_mb=lambda wc, attempt: 4000 * attempt,
         runtime=15,
     container:
-        container_for("conveyor")
+        spa_tool_container("pick")
     shell:
-        "{params.conveyor} spa pick {input.mic:q} {params.opts}"
+        "{params.conveyor} {params.tool} {input.mic:q} {params.opts}"
         " --out-star {output.star:q} --out-png {output.png:q} {params.extra} > {log:q} 2>&1"
 
 
@@ -98,6 +101,7 @@ rule spa_extract:
         f"{BENCH}/spa_extract/bin{{bin}}/{{mic}}.tsv"
     params:
         conveyor=conveyor_cmd,
+        tool=spa_tool("extract"),
         opts=spa_extract_opts,
         extra=lookup(dpath="spa/extract/extra", within=config, default=""),
     threads: 1
@@ -105,9 +109,9 @@ rule spa_extract:
         mem_mb=lambda wc, attempt: 4000 * attempt,
         runtime=15,
     container:
-        container_for("conveyor")
+        spa_tool_container("extract")
     shell:
-        "{params.conveyor} spa extract {input.mic:q} --coords {input.coords:q} --ctf {input.ctf:q}"
+        "{params.conveyor} {params.tool} {input.mic:q} --coords {input.coords:q} --ctf {input.ctf:q}"
         " --bin {wildcards.bin} {params.opts}"
         " --out-stack {output.stack:q} --out-star {output.star:q} {params.extra} > {log:q} 2>&1"
 
