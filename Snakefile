@@ -24,12 +24,17 @@ include: "workflow/rules/spa_preprocess.smk"
 include: "workflow/rules/spi_import.smk"
 include: "workflow/rules/spi_preprocess.smk"
 include: "workflow/rules/spi_classify.smk"
+include: "workflow/rules/spi_reconstruct.smk"
 
 
 rule all:
     default_target: True
     input:
-        all_targets,
+        # separate input functions, so a pending checkpoint of one pipeline does not hide
+        # the jobs of the other from a dry run
+        spa=spa_targets,
+        spi=spi_targets,
+        spi_selected=spi_selected_targets,
 
 
 rule spa:

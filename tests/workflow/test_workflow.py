@@ -57,6 +57,13 @@ def test_tiny_end_to_end(tiny_run):
     assert float(parts["optics"]["rlnImagePixelSize"][0]) == pytest.approx(12.0)
     assert len(parts["particles"]) > 0 and parts["particles"]["rlnImageName"].str.contains("@").all()
     assert (res / "spi/frames/summary.json").exists() and (res / "spi/size_histogram.png").exists()
+    # SPI to the density: EMC intensity, corrected intensity, phased density with a resolution
+    import mrcfile
+
+    with mrcfile.open(res / "spi/phasing/density.mrc") as m:
+        assert m.data.ndim == 3 and float(m.voxel_size.x) > 0 and m.data.max() > 0
+    assert json.loads((res / "spi/phasing/resolution.json").read_text())["resolution_nm"] > 0
+    assert (res / "spi/emc/log.csv").exists() and (res / "spi/intensity/corrected.mrc").exists()
     # every job left its log
     assert list((tiny_run / "logs/tiny/spa_validate_movie").glob("*.log"))
 

@@ -128,10 +128,6 @@ def spi_targets(wildcards=None):
     return [f"{RESULTS}/spi/shots.csv", f"{RESULTS}/spi/frames", f"{RESULTS}/spi/class2d/gallery.png"]
 
 
-def all_targets(wildcards=None):
-    return spa_targets() + spi_targets() + spi_selected_targets()
-
-
 # Fail at once, before any job, on an empty or ambiguous input glob (unless the input is
 # simulated first by the demo).
 if config.get("spa") and not SIM.get("spa"):
@@ -249,7 +245,9 @@ def spi_selection_ready():
 def spi_selected_targets(wildcards=None):
     if not config.get("spi"):
         return []
-    return [f"{RESULTS}/spi/select/frames.csv"] if spi_selection_ready() else []
+    if not spi_selection_ready():
+        return []
+    return [f"{RESULTS}/spi/select/frames.csv", f"{RESULTS}/spi/phasing/density.mrc"]
 
 
 def report_pauses():
@@ -306,3 +304,10 @@ def spa_tool_container(stage):
     tool = (config.get("spa") or {}).get(stage, {}).get("tool", "conveyor")
     name = SPA_TOOLS[stage][tool][1]
     return container_for(name) if name else None
+
+
+def spi_correct_opts():
+    c = config["spi"]["correct"]
+    size = config["spi"]["size"]
+    diameter = c["diameter_nm"] or 0.5 * (size["dmin_nm"] + size["dmax_nm"])
+    return f"--diameter-nm {diameter} --background {c['background']} --symmetry {config['spi']['emc']['symmetry']}"
