@@ -134,6 +134,9 @@ def slurm_runs(slurm_cluster, tmp_path_factory):
             "--profile", str(profile),
             *common,
             "--retries", "0",
+            # the per-micrograph and per-shot-file branches and their merges; the
+            # reconstructions downstream are covered by tests/workflow with --cores
+            "results/tiny/spa/particles_bin4.star", "results/tiny/spi/frames",
         ])
 
     started = {}
@@ -214,7 +217,7 @@ def test_tiny_workflow_runs_through_slurm(slurm_runs, profile):
 
 
 def test_real_workflow_through_mesocentre(slurm_runs):
-    """The repository's Snakefile, default target, tests/configs/tiny.yaml, through the
+    """The repository's Snakefile (preprocessing targets), tests/configs/tiny.yaml, through the
     mesocentre profile (and the repository's workflow profile, found next to it)."""
     if real_workflow_inputs() is None:
         pytest.skip("workflow not present")
@@ -225,6 +228,8 @@ def test_real_workflow_through_mesocentre(slurm_runs):
     assert submitted, "no job was submitted to SLURM:\n" + failure_report(workdir, log)
     assert "workflow specific profile" in log, log[:2000]
     assert (workdir / "results").is_dir(), failure_report(workdir, log)
+    assert (workdir / "results/tiny/spa/particles_bin4.star").exists(), failure_report(workdir, log)
+    assert (workdir / "results/tiny/spi/frames/summary.json").exists(), failure_report(workdir, log)
 
 
 def test_out_of_memory_exit_is_retried_with_more_memory(slurm_runs):
