@@ -11,7 +11,7 @@ CONFIG ?= config/config.yaml
 PYTEST_ARGS ?=
 STAMP := $(VENV)/.installed
 
-.PHONY: install system-deps test demo profiles dag rulegraph report lint clean distclean help
+.PHONY: install system-deps peers test demo profiles dag rulegraph report lint clean distclean help
 
 help:
 	@echo "make demo | make test | make profiles | make dag | make report | make lint | make clean"
@@ -31,7 +31,12 @@ $(STAMP): pyproject.toml
 system-deps:
 	@bash scripts/system-deps.sh
 
-test: install system-deps
+# The seeds' own SPI tools (spi_processing, spi_em_class, Dragonfly), peers of the
+# native SPI steps; skipped with a message where they cannot be installed.
+peers: install
+	@bash scripts/install-spi-peers.sh $(VENV)
+
+test: install system-deps peers
 	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/python -m pytest $(PYTEST_ARGS)
 
 demo: install
