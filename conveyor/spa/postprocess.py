@@ -14,8 +14,9 @@ Method (RELION's ``relion_postprocess``)
   The resolution is where ``FSC_true`` falls below 0.143.
 * **B-factor** (``bfactor="auto"``): a straight line fitted to the Guinier plot
   ``ln ⟨|F|⟩_shell`` against ``s² = 1/d²`` of the masked average map between
-  ``autob_lowres`` (10 Å) and the resolution (when that range holds fewer than 3 shells, it
-  starts at twice the resolution instead). RELION's sign: ``bfactor = 4 · slope`` is
+  ``autob_lowres`` (10 Å) and the resolution (a map whose range holds fewer than 3 shells
+  gets no B-factor: 0, reported as not fitted; give ``bfactor`` then). RELION's sign:
+  ``bfactor = 4 · slope`` is
   negative for a blurred map and is applied as ``exp(-bfactor · s² / 4)``, i.e. it
   sharpens. ``map_bfactor = -bfactor`` is the map's own (positive) B-factor.
 * **Sharpened map**: the average map's transform times ``exp(-bfactor s²/4)``, times the
@@ -80,6 +81,9 @@ class PostprocessResult:
             "resolution_unmasked_A": round(F.resolution_at(self.curves["rlnFourierShellCorrelationUnmaskedMaps"],
                                                            0.143, self.pixel_size, self.box), 3),
         }
+        if self.bfactor_auto and not self.fit_range:
+            d["bfactor_note"] = (f"not fitted: fewer than 3 shells between the Guinier range's low end and "
+                                 f"{self.resolution:.1f} Å; pass --bfactor")
         if self.hand:
             d["hand"] = self.hand
         return d
@@ -155,21 +159,19 @@ def fit_bfactor(volume, pixel_size: float, high: float, low: float = 10.0):
     """Guinier fit of a map between ``low`` and ``high`` Å.
 
     Returns ``(bfactor, intercept, (low, high), correlation)`` with RELION's sign
-    (``4 × slope``, negative for a blurred map). When the range holds fewer than 3
-    shells it starts at ``2 × high`` instead; if that is still too short the B-factor is 0
-    and the range ``None``.
+    (``4 × slope``, negative for a blurred map). When the range holds fewer than 3 shells
+    (a map worse than about ``low``, where the Guinier plot shows the particle's shape
+    rather than a B-factor) nothing is fitted: ``(0.0, nan, None, nan)``, as RELION.
     """
     g = guinier_curve(volume, pixel_size)
     s2 = g["rlnResolutionSquared"].to_numpy()
     ln = g["rlnLogAmplitudes"].to_numpy()
-    for lo in (low, 2.0 * high):
-        lo = max(lo, high)
-        sel = (s2 >= 1.0 / lo**2 - 1e-12) & (s2 <= 1.0 / high**2 + 1e-12) & np.isfinite(ln)
-        if sel.sum() >= 3:
-            slope, intercept = np.polyfit(s2[sel], ln[sel], 1)
-            corr = float(np.corrcoef(s2[sel], ln[sel])[0, 1]) if sel.sum() > 2 else math.nan
-            return 4.0 * float(slope), float(intercept), (float(lo), float(high)), corr
-    return 0.0, math.nan, None, math.nan
+    sel = (s2 >= 1.0 / low**2 - 1e-12) & (s2 <= 1.0 / high**2 + 1e-12) & np.isfinite(ln)
+    if high >= low or sel.sum() < 3:
+        return 0.0, math.nan, None, math.nan
+    slope, intercept = np.polyfit(s2[sel], ln[sel], 1)
+    corr = float(np.corrcoef(s2[sel], ln[sel])[0, 1])
+    return 4.0 * float(slope), float(intercept), (float(low), float(high)), corr
 
 
 # --------------------------------------------------------------------------- main
@@ -234,11 +236,8 @@ def postprocess(half1, half2, pixel_size: float, *, mask=None, bfactor="auto", r
         auto = True
     else:
         b, intercept, rng_fit, corr, auto = float(bfactor), math.nan, None, math.nan, False
-    if auto:
-        b_map = -b
-    else:
-        b_fit, _, _, _ = fit_bfactor(masked_avg, pixel_size, resolution, autob_lowres)
-        b_map = -b_fit
+    b_fitted = b if auto else fit_bfactor(masked_avg, pixel_size, resolution, autob_lowres)[0]
+    b_map = -b_fitted if b_fitted else 0.0  # the map's own B-factor (0: not fitted)
     weight = F.fsc_weighting(fsc_true)
     weight[0] = 1.0
     sharp = shell_filter(avg, weight)
@@ -384,5 +383,5 @@ def write_postprocess(result: PostprocessResult, out_dir, *, half1_name: str = "
                title=f"resolution {result.resolution:.2f} Å (FSC 0.143), B {result.bfactor:.0f} Å²")
     central_slices_png(paths["slices_png"], {"average": result.average, "sharpened": result.sharpened}, ps,
                        mask=result.mask)
-    write_text(paths["json"], json.dumps(result.summary(), indent=1) + "\n")
+    write_text(paths["json"], json.dumps(result.summary(), indent=1, ensure_ascii=False) + "\n")
     return paths

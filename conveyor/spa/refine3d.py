@@ -626,7 +626,7 @@ def refine3d(images, ctf, pixel_size: float, reference, *, symmetry: str = "C1",
             _write_log(out, f"refine3d: {nparts} particles, box {n} px at {pixel_size:.4g} Å/px, symmetry {symmetry}, "
                        f"stages {', '.join(f'{s.step:g}° {s.mode}' for s in stages)}, device {backend.describe()}")
 
-    it = start_it - 1
+    last_done = start_it - 1
     for it in range(start_it, iterations + 1):
         if converged:
             break
@@ -686,6 +686,7 @@ def refine3d(images, ctf, pixel_size: float, reference, *, symmetry: str = "C1",
                             {"n_particles": nparts, "box": n, "history": history, "stage": si, "stage_best": stage_best,
                              "stalls": stalls, "resolution": resolution, "converged": converged})
         refs = [_make_reference(halves[h], curve, resolution, pixel_size, mask) for h in range(2)]
+        last_done = it
         if callback is not None:
             callback(it, entry)
 
@@ -699,7 +700,8 @@ def refine3d(images, ctf, pixel_size: float, reference, *, symmetry: str = "C1",
     inv = 1.0 / np.maximum(ssnr_from_fsc(curve, combined=True), 1e-3)
     full = final_bp.reconstruct(inv) * mask
     if out is not None:
-        _write_log(out, f"finished after iteration {it}: resolution {resolution:.2f} Å, {time.time() - t_start:.1f} s")
+        _write_log(out, f"finished after iteration {last_done}: resolution {resolution:.2f} Å, "
+                   f"{time.time() - t_start:.1f} s")
     return RefineResult(map=full, half1=halves[0], half2=halves[1], fsc=curve, resolution=resolution,
                         rotations=cur_rots, shifts=cur_shifts, subsets=subsets, history=history,
                         converged=converged, iterations=len(history), pixel_size=pixel_size, symmetry=symmetry)

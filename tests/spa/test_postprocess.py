@@ -52,9 +52,9 @@ def test_guinier_fit_recovers_a_known_blur(truth, model):
     for blur in (BLUR, 300.0):
         b1, _, _, _ = fit_bfactor(apply_bfactor(truth, blur, PIXEL) * mask, PIXEL, high=6.0)
         assert b0 - b1 == pytest.approx(blur, rel=0.3)
-    # a range too short for 3 shells falls back to twice the resolution
-    b, _, rng_fb, _ = fit_bfactor(truth * mask, PIXEL, high=12.0)
-    assert rng_fb == (24.0, 12.0) and b != 0.0
+    # a map worse than the low end of the range gets no B-factor (as RELION)
+    b, _, rng_none, _ = fit_bfactor(truth * mask, PIXEL, high=12.0)
+    assert rng_none is None and b == 0.0
 
 
 def test_postprocess_of_blurred_noisy_half_maps(truth, halves, tmp_path):
