@@ -167,3 +167,25 @@ def test_resample_volume_keeps_the_physical_scale(data):
     assert coarse.sum() * PIXEL**3 == pytest.approx(fine.sum() * (PIXEL / 2) ** 3, rel=1e-3)
     bigger = resample_volume(data.truth, PIXEL, PIXEL, BOX + 8)
     assert np.allclose(bigger[4:-4, 4:-4, 4:-4], data.truth)
+
+
+@pytest.mark.gpu
+def test_gpu_reconstruction_and_refinement_match_the_cpu(data):
+    import cupy as cp
+
+    from conveyor.spa.refine3d import refine3d
+
+    n = 300
+    h = particle_ctfs(BOX, PIXEL, data.ctf.subset(np.arange(n)), xp=np)
+    args = (data.rotations[:n], data.shifts[:n])
+    cpu = reconstruct(data.images[:n], *args, h, PIXEL, symmetry="D3")
+    gpu = reconstruct(cp.asarray(data.images[:n]), *args, cp.asarray(h), PIXEL, symmetry="D3")
+    assert isinstance(gpu, cp.ndarray)
+    assert np.abs(cp.asnumpy(gpu) - cpu).max() < 1e-3 * np.abs(cpu).max()
+    kw = dict(symmetry="D3", particle_diameter=DIAMETER, iterations=2, seed=0)
+    ctf = data.ctf.subset(np.arange(n))
+    r_cpu = refine3d(data.images[:n], ctf, PIXEL, data.truth, **kw)
+    r_gpu = refine3d(cp.asarray(data.images[:n]), ctf, PIXEL, cp.asarray(data.truth), **kw)
+    same = np.isclose(np.einsum("nij,nij->n", r_cpu.rotations, r_gpu.rotations), 3.0, atol=1e-3)
+    assert same.mean() > 0.95
+    assert abs(r_cpu.resolution - r_gpu.resolution) < 0.05 * r_cpu.resolution
