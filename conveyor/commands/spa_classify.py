@@ -153,7 +153,7 @@ def write_gallery(path, averages, counts, resolution, pixel_size: float, particl
         ax.imshow(img, cmap="gray", vmin=lo, vmax=hi if hi > lo else lo + 1, interpolation="nearest")
         res = float(resolution[i])
         line2 = f"{int(counts[i])} ({100 * counts[i] / total:.1f}%) {res:.1f} Å" if np.isfinite(res) else f"{int(counts[i])}"
-        label = f"{i + 1}" + (f"  score {scores[i]:.2f}" if scores is not None else "")
+        label = f"{i + 1}" + (f"  score {scores[i]:.2f}" if scores is not None and np.isfinite(scores[i]) else "")
         ax.set_title(f"{label}\n{line2}", fontsize=8)
         if sel:
             color = "tab:green" if (i + 1) in sel else "tab:red"

@@ -374,19 +374,25 @@ def select_classes(averages, counts, resolution, pixel_size: float, particle_dia
     model : :class:`SelectorModel`, a path, or None for :data:`DEFAULT_MODEL` (auto only).
     min_particles : classes with fewer particles are never selected automatically.
 
-    Returns a :class:`Selection`; in both modes every class gets its features and score.
+    Returns a :class:`Selection`; in both modes every class gets its features and score (NaN
+    in manual mode when the model cannot be loaded).
     """
     avg = np.asarray(averages)
     k = avg.shape[0] if avg.ndim == 3 else 1
     if mode not in ("auto", "manual"):
         raise InputError("--mode", f"unknown selection mode {mode!r}", "use auto or manual")
     feats = class_features(avg, counts, resolution, pixel_size, particle_diameter, total=total)
-    if model is None or isinstance(model, (str, Path)):
-        model = load_model(model)
-    missing = [f for f in model.features if f not in feats.columns]
-    if missing:
-        raise InputError("model", f"features {missing} are not computed", "retrain the selector")
-    score = model.predict_proba(feats[list(model.features)].to_numpy(float))
+    try:
+        if model is None or isinstance(model, (str, Path)):
+            model = load_model(model)
+        missing = [f for f in model.features if f not in feats.columns]
+        if missing:
+            raise InputError("model", f"features {missing} are not computed", "retrain the selector")
+        score = model.predict_proba(feats[list(model.features)].to_numpy(float))
+    except InputError:
+        if mode == "auto":
+            raise
+        score = np.full(k, np.nan)  # manual choice: the scores are only informative
     counts_a = np.asarray(counts, dtype=float).reshape(-1)
     if mode == "manual":
         if manual_classes is None:

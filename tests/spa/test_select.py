@@ -187,3 +187,12 @@ def test_train_selector_is_reproducible(tmp_path):
     assert rc == 0
     m = sl.load_model(tmp_path / "sel.json")
     assert m.trees == a["trees"] and m.features == sl.FEATURES
+
+
+def test_manual_selection_needs_no_model(tmp_path):
+    avg = np.random.default_rng(0).standard_normal((4, 32, 32))
+    sel = sl.select_classes(avg, np.full(4, 10), np.full(4, 20.0), 4.0, 100.0, mode="manual", manual_classes=[3],
+                            model=tmp_path / "missing.json")
+    assert sel.selected == [3] and sel.scores.score.isna().all()
+    with pytest.raises(InputError, match="model not found"):
+        sl.select_classes(avg, np.full(4, 10), np.full(4, 20.0), 4.0, 100.0, mode="auto", model=tmp_path / "missing.json")
