@@ -868,7 +868,8 @@ def classify_2d(
 
     def seed_images(pick, grid):
         """Particles ``pick``, CTF-corrected (Wiener), low-passed to ``grid`` and masked: ``[len, B, B]``."""
-        x = _to_grid(grid, xp.asarray(images[pick], dtype=xp.float32))
+        rows = np.asarray(pick) if backend.array_module(images) is np else xp.asarray(pick)
+        x = _to_grid(grid, xp.asarray(images[rows], dtype=xp.float32))
         h = ctf_src.batch(np.asarray(pick), grid)
         return _to_real(grid, x * h / (h * h + 0.1)) * mask
 
