@@ -21,6 +21,7 @@ include: "workflow/rules/common.smk"
 include: "workflow/rules/simulate.smk"
 include: "workflow/rules/spa_import.smk"
 include: "workflow/rules/spa_preprocess.smk"
+include: "workflow/rules/spa_classify.smk"
 include: "workflow/rules/spi_import.smk"
 include: "workflow/rules/spi_preprocess.smk"
 include: "workflow/rules/spi_classify.smk"
@@ -33,6 +34,7 @@ rule all:
         # separate input functions, so a pending checkpoint of one pipeline does not hide
         # the jobs of the other from a dry run
         spa=spa_targets,
+        spa_selected=spa_selected_targets,
         spi=spi_targets,
         spi_selected=spi_selected_targets,
 
@@ -40,6 +42,7 @@ rule all:
 rule spa:
     input:
         spa_targets,
+        spa_selected_targets,
 
 
 rule spi:

@@ -56,6 +56,10 @@ def test_tiny_end_to_end(tiny_run):
     parts = read_star(res / "spa/particles_bin4.star")
     assert float(parts["optics"]["rlnImagePixelSize"][0]) == pytest.approx(12.0)
     assert len(parts["particles"]) > 0 and parts["particles"]["rlnImageName"].str.contains("@").all()
+    # SPA 2D classification and automatic selection of round 1
+    assert (res / "spa/class2d/round1/gallery.png").exists()
+    selected = read_star(res / "spa/select/round1_particles.star")["particles"]
+    assert 0 < len(selected) <= len(parts["particles"])
     assert (res / "spi/frames/summary.json").exists() and (res / "spi/size_histogram.png").exists()
     # SPI to the density: EMC intensity, corrected intensity, phased density with a resolution
     import mrcfile

@@ -311,3 +311,29 @@ def spi_correct_opts():
     size = config["spi"]["size"]
     diameter = c["diameter_nm"] or 0.5 * (size["dmin_nm"] + size["dmax_nm"])
     return f"--diameter-nm {diameter} --background {c['background']} --symmetry {config['spi']['emc']['symmetry']}"
+
+
+def spa_selection_file():
+    return f"{RESULTS}/spa/select/round1.yaml"
+
+
+def spa_manual_selection_input(wildcards):
+    return [spa_selection_file()] if config["spa"]["selection"] == "manual" else []
+
+
+def spa_selected_targets(wildcards=None):
+    """The selected particles after round 1, or a recorded pause while a manual selection is missing."""
+    if not config.get("spa"):
+        return []
+    checkpoints.spa_class2d.get()
+    if config["spa"]["selection"] == "manual" and not Path(spa_selection_file()).exists():
+        entry = (
+            "SPA",
+            f"{RESULTS}/spa/class2d/round1/gallery.png",
+            spa_selection_file(),
+            f"conveyor select spa --class-dir {RESULTS}/spa/class2d/round1 --classes 1 4 7 --out {spa_selection_file()}",
+        )
+        if entry not in PAUSED:
+            PAUSED.append(entry)
+        return []
+    return [f"{RESULTS}/spa/select/round1_particles.star"]
