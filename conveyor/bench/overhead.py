@@ -1,0 +1,294 @@
+"""Snakemake's overhead: the per-movie preprocessing through Snakemake and through a plain pool.
+
+1. ``N`` small movies are simulated (``conveyor.simulate.spa``); the config has their
+   ``spa:`` section and no ``simulate:`` section, so the workflow starts from the movies.
+2. ``snakemake -n -p --until spa_extract`` lists every per-movie job (validation, motion,
+   CTF, picking, extraction) with its inputs, outputs and exact shell command.
+3. ``snakemake --cores C --until spa_extract`` runs them, with every rule at one thread
+   (``--set-threads RULE=1``) so that Snakemake runs up to ``C`` jobs at once.
+4. A plain pool of ``C`` workers (:func:`_pool_main`, a separate Python process) runs the
+   very same command lines with ``bash -c 'set -euo pipefail; ...'`` as Snakemake does, one
+   movie's chain after the other per worker, in a fresh directory (creating the output and
+   log folders first, as Snakemake does).
+
+Both start from nothing and do the same work on the same files with the same parallelism,
+and the numeric libraries are limited to one thread in both. The overhead is
+``snakemake wall / pool wall - 1``; Snakemake's fixed start-up (``snakemake --version``) is
+reported too, and the CPU time Snakemake itself used (its process tree's CPU time minus the
+pool's). With ``--repeat`` the two alternate and medians are reported.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from collections import defaultdict
+from pathlib import Path
+
+TARGET_OVERHEAD = 0.02
+#: Overhead of the seed paper's pipeline, for reference.
+SEED_OVERHEAD = 0.07
+
+_RE_RULE = re.compile(r"^\s*(?:local)?rule (\S+):\s*$")
+
+
+# ----------------------------------------------------------------------------- the pool
+
+
+def _pool_main(argv: list[str]) -> int:
+    """``python -m conveyor.bench.overhead --pool JOBS.json CORES WORKDIR``: run the chains, C at a time."""
+    from concurrent.futures import ThreadPoolExecutor  # noqa: PLC0415
+
+    jobs_file, cores, work = argv[0], int(argv[1]), Path(argv[2])
+    chains = json.loads(Path(jobs_file).read_text())
+
+    def run_chain(chain):
+        for job in chain:
+            for d in job["dirs"]:
+                (work / d).mkdir(parents=True, exist_ok=True)
+            r = subprocess.run(["bash", "-c", f"set -euo pipefail; {job['cmd']}"], cwd=work, check=False)
+            if r.returncode != 0:
+                return f"exit {r.returncode}: {job['cmd']}"
+        return None
+
+    with ThreadPoolExecutor(max_workers=cores) as pool:
+        errors = [e for e in pool.map(run_chain, chains) if e]
+    for e in errors:
+        print(e, file=sys.stderr)
+    return 1 if errors else 0
+
+
+# ----------------------------------------------------------------------------- dry-run parsing
+
+
+def parse_jobs(text: str) -> list[dict]:
+    """Jobs of a ``snakemake -n -p`` output: rule, input, output, log, benchmark, wildcards, shell command."""
+    jobs = []
+    cur = None
+    for line in text.splitlines():
+        m = _RE_RULE.match(line)
+        if m:
+            cur = {"rule": m.group(1), "input": [], "output": [], "log": [], "benchmark": [], "wildcards": {},
+                   "cmd": None}
+            jobs.append(cur)
+            continue
+        if cur is None:
+            continue
+        s = line.strip()
+        for key in ("input", "output", "log", "benchmark"):
+            if s.startswith(f"{key}:"):
+                cur[key] = [f.strip() for f in s[len(key) + 1:].split(",") if f.strip()]
+        if s.startswith("wildcards:"):
+            for part in s[len("wildcards:"):].split(","):
+                if "=" in part:
+                    k, v = part.split("=", 1)
+                    cur["wildcards"][k.strip()] = v.strip()
+        if line.startswith("Shell command:"):
+            cmd = line[len("Shell command:"):].strip()
+            cur["cmd"] = None if cmd == "None" else cmd
+        if line.startswith("Job stats:"):
+            cur = None
+    return jobs
+
+
+def chains_of(jobs: list[dict]) -> list[list[dict]]:
+    """Jobs grouped into connected chains (shared files), each in dependency order."""
+    produced = {}
+    for i, j in enumerate(jobs):
+        for f in j["output"]:
+            produced[f] = i
+    parent = list(range(len(jobs)))
+
+    def find(i):
+        while parent[i] != i:
+            parent[i] = parent[parent[i]]
+            i = parent[i]
+        return i
+
+    deps = defaultdict(set)
+    for i, j in enumerate(jobs):
+        for f in j["input"]:
+            if f in produced:
+                deps[i].add(produced[f])
+                parent[find(i)] = find(produced[f])
+    comps = defaultdict(list)
+    for i in range(len(jobs)):
+        comps[find(i)].append(i)
+    chains = []
+    for members in comps.values():
+        order, done = [], set()
+
+        def visit(i):
+            if i in done:
+                return
+            done.add(i)
+            for d in sorted(deps[i]):
+                visit(d)
+            order.append(i)
+
+        for i in sorted(members):
+            visit(i)
+        chains.append([jobs[i] for i in order])
+    chains.sort(key=lambda c: c[0]["output"][0] if c[0]["output"] else "")
+    return chains
+
+
+def _dirs(job: dict) -> list[str]:
+    return sorted({str(Path(f).parent) for f in job["output"] + job["log"] + job["benchmark"]
+                   if str(Path(f).parent) not in ("", ".")})
+
+
+# ----------------------------------------------------------------------------- the benchmark
+
+
+def run_benchmark(*, movies: int = 8, cores: int = 2, size: int = 512, frames: int = 10, repeat: int = 1,
+                  snakefile=None, include=(), targets=(), until=("spa_extract",), workdir=None, keep: bool = False,
+                  seed: int = 0, argv=None, log=print) -> dict:
+    """Run the overhead benchmark and return the report (JSON-able); see the module docstring."""
+    import yaml  # noqa: PLC0415
+
+    from ..errors import InputError  # noqa: PLC0415
+    from ..simulate.spa import simulate_spa  # noqa: PLC0415
+    from . import device_info, median, new_report, ratio, run_measured, slurm_probe, thread_env  # noqa: PLC0415
+    from .dag import snakemake_base, snakemake_exe, workflow_snakefile  # noqa: PLC0415
+
+    movies, cores, repeat = int(movies), int(cores), int(repeat)
+    if movies < 1 or cores < 1 or repeat < 1:
+        raise InputError("bench overhead", "--movies, --cores and --repeat must be at least 1", "pass 1 or more")
+    report = new_report("overhead", argv)
+    report["device"] = device_info("cpu")
+    made = workdir is None
+    work = Path(tempfile.mkdtemp(prefix="conveyor-bench-overhead-")) if made else Path(workdir)
+    work.mkdir(parents=True, exist_ok=True)
+    work = work.resolve()
+    env = thread_env(1)
+    env.pop("SNAKEMAKE_PROFILE", None)
+    env["PATH"] = str(Path(sys.executable).parent) + os.pathsep + env.get("PATH", "")
+    env.setdefault("MPLBACKEND", "Agg")
+    tgt = [str(t) for t in targets]
+    until = [str(u) for u in (until or ())] if not tgt else []
+    try:
+        t0 = time.perf_counter()
+        particles = max(2, int(round(40 * (size / 1024) ** 2)))
+        log(f"simulating {movies} movies of {size}x{size}x{frames} ...")
+        paths = simulate_spa(work / "data", micrographs=movies, size=size, frames=frames, particles=particles,
+                             seed=seed)
+        log(f"simulated in {time.perf_counter() - t0:.1f} s")
+        exp = yaml.safe_load(Path(paths["experiment"]).read_text())
+        config = work / "config.yaml"
+        config.write_text(yaml.safe_dump({"experiment": "overhead", "device": "cpu", "spa": exp["spa"]},
+                                         sort_keys=False))
+        sf = workflow_snakefile(work, snakefile, include)
+        sel = [*tgt, *(x for u in until for x in ("--until", u))]
+
+        # the jobs and their command lines, from a dry run in a fresh directory
+        plan_dir = work / "plan"
+        plan_dir.mkdir()
+        m = run_measured([*snakemake_base(sf, plan_dir, config), "-n", "-p", *sel], env=env, cwd=plan_dir,
+                         stdout_path=work / "plan.txt").check("snakemake -n -p")
+        jobs = parse_jobs((work / "plan.txt").read_text(errors="replace"))
+        if not jobs:
+            raise InputError("bench overhead", "the dry run lists no job", "check --target/--until and the workflow")
+        no_shell = sorted({j["rule"] for j in jobs if not j["cmd"]})
+        if no_shell:
+            raise InputError("bench overhead", f"rules without a shell command cannot be replayed: {', '.join(no_shell)}",
+                             "choose targets whose jobs are shell commands (default: --until spa_extract)")
+        rules = sorted({j["rule"] for j in jobs})
+        chains = chains_of(jobs)
+        jobs_file = work / "chains.json"
+        jobs_file.write_text(json.dumps([[{"cmd": j["cmd"], "dirs": _dirs(j)} for j in c] for c in chains]))
+        log(f"{len(jobs)} jobs ({', '.join(rules)}) in {len(chains)} chains")
+
+        smk_opts = ["--cores", str(cores), "--set-threads", *(f"{r}=1" for r in rules), *sel]
+        probe = slurm_probe()
+        ver = run_measured([snakemake_exe(), "--version"], env=env).check("snakemake --version")
+        runs = {"snakemake": [], "pool": []}
+        for r in range(repeat):
+            order = ("snakemake", "pool") if r % 2 == 0 else ("pool", "snakemake")
+            for side in order:
+                d = work / f"run_{side}_{r}"
+                d.mkdir()
+                if side == "snakemake":
+                    m = run_measured([*snakemake_base(sf, d, config), *smk_opts], env=env, cwd=d,
+                                     stdout_path=d / "snakemake.out")
+                    (d / "snakemake.err").write_text(m.stderr)  # Snakemake logs to stderr
+                    m.check("snakemake")
+                else:
+                    m = run_measured([sys.executable, "-m", "conveyor.bench.overhead", "--pool", str(jobs_file),
+                                      str(cores), str(d)], env=env, cwd=d).check("the plain pool")
+                runs[side].append(m.summary())
+                log(f"{side}: {m.wall_s:.1f} s wall, {m.cpu_s:.1f} s CPU")
+                _check_outputs(d, jobs)
+                if r < repeat - 1 or not keep:
+                    shutil.rmtree(d / "results", ignore_errors=True)
+    finally:
+        if made and not keep:
+            shutil.rmtree(work, ignore_errors=True)
+        else:
+            report["workdir"] = str(work)
+
+    smk = median(x["wall_s"] for x in runs["snakemake"])
+    pool = median(x["wall_s"] for x in runs["pool"])
+    smk_cpu = median(x["cpu_s"] for x in runs["snakemake"])
+    pool_cpu = median(x["cpu_s"] for x in runs["pool"])
+    rt = ratio(smk, pool)
+    startup = ver.wall_s
+    report["params"] = {"movies": movies, "cores": cores, "size": size, "frames": frames, "repeat": repeat,
+                        "snakefile": str(sf), "targets": tgt, "until": until, "rules": rules,
+                        "jobs": len(jobs), "snakemake": ver.stdout.strip(),
+                        "snakemake_options": smk_opts}
+    report["runs"] = runs
+    report["slurm_probe"] = probe
+    report["summary"] = {
+        "snakemake_s": smk, "pool_s": pool, "ratio": rt, "overhead": (rt - 1.0) if rt else None,
+        "snakemake_startup_s": startup,
+        "overhead_without_startup": ((smk - startup) / pool - 1.0) if pool > 0 else None,
+        "snakemake_cpu_s": smk_cpu, "pool_cpu_s": pool_cpu,
+        "snakemake_own_cpu_s": smk_cpu - pool_cpu,
+        "cpu_overhead": ((smk_cpu / pool_cpu) - 1.0) if pool_cpu > 0 else None,
+        "target_overhead": TARGET_OVERHEAD, "seed_overhead": SEED_OVERHEAD,
+    }
+    return report
+
+
+def _check_outputs(d: Path, jobs: list[dict]) -> None:
+    missing = [f for j in jobs for f in j["output"] if not (d / f).exists()]
+    if missing:
+        raise RuntimeError(f"{len(missing)} outputs missing in {d}, e.g. {missing[0]}")
+
+
+def format_report(report: dict) -> str:
+    from . import fmt, table  # noqa: PLC0415
+
+    p, s = report["params"], report["summary"]
+    head = (f"{p['jobs']} jobs of {p['movies']} movies ({p['size']}x{p['size']}x{p['frames']}) on {p['cores']} "
+            f"cores, median of {p['repeat']} run(s); {report['device']['cpu_model']}, {report['device']['nproc']} cores")
+    rows = [
+        ["snakemake --cores", fmt(s["snakemake_s"]), fmt(s["snakemake_cpu_s"])],
+        ["plain pool", fmt(s["pool_s"]), fmt(s["pool_cpu_s"])],
+        ["snakemake --version", fmt(s["snakemake_startup_s"]), ""],
+    ]
+    ov = s["overhead"]
+    lines = [head, "", table(rows, ["run", "wall s", "CPU s"]), "",
+             f"overhead {fmt(None if ov is None else 100 * ov, '.1f')}% (target <= {100 * s['target_overhead']:.0f}%, "
+             f"seed pipeline {100 * s['seed_overhead']:.0f}%); without Snakemake's start-up "
+             f"{fmt(None if s['overhead_without_startup'] is None else 100 * s['overhead_without_startup'], '.1f')}%; "
+             f"CPU used by Snakemake itself {fmt(s['snakemake_own_cpu_s'], '.1f')} s "
+             f"({fmt(None if s['cpu_overhead'] is None else 100 * s['cpu_overhead'], '.1f')}% of the jobs' CPU)"]
+    probe = report.get("slurm_probe")
+    if probe and probe["wall_s"] > 1.0:
+        lines.append(f"note: `scontrol show config` took {probe['wall_s']:.1f} s here (no SLURM controller answering); "
+                     "Snakemake's SLURM plug-in runs it at every start-up")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    if len(sys.argv) > 1 and sys.argv[1] == "--pool":
+        sys.exit(_pool_main(sys.argv[2:]))
+    sys.exit("usage: python -m conveyor.bench.overhead --pool JOBS.json CORES WORKDIR")
