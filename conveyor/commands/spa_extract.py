@@ -72,10 +72,15 @@ def _extract(args) -> int:
     stack_name = args.stack_name or str(args.out_stack)
     blocks = particle_blocks(coords, kept, stack_name=stack_name, micrograph_name=name, ctf=ctf, box=box, bin=args.bin,
                              pixel_size=ps, width=args.name_width)
+    if len(stack) == 0:
+        # MRC cannot hold zero images: a micrograph without particles gets a stack with one
+        # blank image that no STAR row refers to, and an empty particle table
+        log.warning("%s: no particle to extract (none picked, or all too close to the edge)", name)
+        stack = np.zeros((1, box // args.bin, box // args.bin), dtype=np.float32)
     write_mrc(args.out_stack, stack, ps * args.bin, volume=False)
     write_star(args.out_star, blocks)
     skipped = int((~kept).sum())
-    print(f"{args.out_star}: {len(stack)} particles, box {box} px -> {box // args.bin} px at {ps * args.bin:.4g} Å/px"
+    print(f"{args.out_star}: {int(kept.sum())} particles, box {box} px -> {box // args.bin} px at {ps * args.bin:.4g} Å/px"
           + (f", {skipped} too close to the edge skipped" if skipped else ""))
     return 0
 

@@ -198,3 +198,27 @@ def test_extract_on_gpu_matches_cpu():
     cpu = extract_particles(img, coords, 64, bin=2)
     gpu = backend.to_host(extract_particles(backend.asarray(img), coords, 64, bin=2))
     assert np.allclose(cpu, gpu, atol=1e-4)
+
+
+def test_micrograph_without_particles_gives_an_empty_table(tmp_path):
+    """No particle inside the micrograph: the job succeeds with an empty particle table."""
+    import pandas as pd
+
+    from conveyor.cli import main
+    from conveyor.io.mrc import write_mrc
+    from conveyor.io.star import read_star, write_star
+
+    mic = tmp_path / "m.mrc"
+    write_mrc(mic, np.random.default_rng(0).random((256, 256)).astype("float32"), 2.0)
+    write_star(tmp_path / "p.star", {"particles": pd.DataFrame(
+        {"rlnCoordinateX": [2.0], "rlnCoordinateY": [3.0], "rlnMicrographName": [str(mic)]})})
+    write_star(tmp_path / "c.star", {"micrographs": pd.DataFrame({
+        "rlnMicrographName": [str(mic)], "rlnDefocusU": [15000.0], "rlnDefocusV": [15000.0],
+        "rlnDefocusAngle": [0.0], "rlnPhaseShift": [0.0], "rlnCtfFigureOfMerit": [0.1],
+        "rlnCtfMaxResolution": [5.0], "rlnCtfAstigmatism": [0.0], "rlnVoltage": [300.0],
+        "rlnSphericalAberration": [2.7], "rlnAmplitudeContrast": [0.1], "rlnMicrographPixelSize": [2.0]})})
+    rc = main(["spa", "extract", str(mic), "--coords", str(tmp_path / "p.star"), "--ctf", str(tmp_path / "c.star"),
+               "--box", "64", "--bin", "2", "--out-stack", str(tmp_path / "s.mrcs"), "--out-star", str(tmp_path / "s.star")])
+    assert rc == 0
+    blocks = read_star(tmp_path / "s.star")
+    assert len(blocks.get("particles", [])) == 0
