@@ -201,7 +201,7 @@ def test_relion_as_the_tool_of_three_stages(repo, tiny_run, tmp_path):
         cfg["spa"][stage] = {"tool": "relion"}
     path = work / "rel.yaml"
     path.write_text(yaml.safe_dump(cfg))
-    run_snakemake(repo, work, path)
+    run_snakemake(repo, work, path, "results/rel/spa/particles_bin4.star")
     mics = read_star(work / "results/rel/spa/micrographs_ctf.star")["micrographs"]
     assert len(mics) == 2
     parts = read_star(work / "results/rel/spa/particles_bin4.star")["particles"]
