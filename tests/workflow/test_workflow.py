@@ -206,3 +206,28 @@ def test_relion_as_the_tool_of_three_stages(repo, tiny_run, tmp_path):
     assert len(mics) == 2
     parts = read_star(work / "results/rel/spa/particles_bin4.star")["particles"]
     assert len(parts) > 0
+
+
+def test_cxidb_input_is_imported_by_a_rule(repo, tiny_run, tmp_path):
+    """spi.cxidb: plain CXIDB-58-style HDF5 files are converted to CXI, then processed."""
+    import h5py
+
+    from conveyor.io.cxi import read_cxi
+
+    work = tmp_path / "c"
+    (work / "raw").mkdir(parents=True)
+    for i, cxi in enumerate(sorted((tiny_run / "data/tiny/spi/shots").glob("*.cxi"))):
+        with h5py.File(work / f"raw/r{i:04d}.h5", "w") as h5:
+            h5["photonConverter/pnccdBack/photonCount"] = read_cxi(cxi).data
+    cfg = {"experiment": "cx", "spi": {"cxidb": "raw/*.h5", "shots": None, "photon_energy_ev": 1600,
+                                       "detector_distance_m": 0.3, "pixel_size_m": 3.0e-4, "selection": "auto"}}
+    path = work / "cx.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    run_snakemake(repo, work, path, "results/cx/spi/shots.csv", "results/cx/spi/frames")
+    import pandas as pd
+
+    shots = pd.read_csv(work / "results/cx/spi/shots.csv")
+    assert len(shots) == 2 and (shots["photon_energy_ev"] == 1600).all()
+    assert (shots["pixel_size_m"] == 3.0e-4).all()
+    assert (work / "results/cx/spi/cxi/r0000.cxi").exists()
+    assert json.loads((work / "results/cx/spi/frames/summary.json").read_text())["runs"]
