@@ -86,19 +86,7 @@ def icosahedron_face_normals() -> np.ndarray:
     return n / np.linalg.norm(n, axis=1, keepdims=True)
 
 
-def quaternion_to_matrix(q) -> np.ndarray:
-    """Rotation matrix of unit quaternion(s) ``(w, x, y, z)``; ``[..., 3, 3]`` acting on (x, y, z)."""
-    q = np.asarray(q, dtype=np.float64)
-    q = q / np.linalg.norm(q, axis=-1, keepdims=True)
-    w, x, y, z = np.moveaxis(q, -1, 0)
-    return np.stack(
-        [
-            np.stack([1 - 2 * (y * y + z * z), 2 * (x * y - w * z), 2 * (x * z + w * y)], -1),
-            np.stack([2 * (x * y + w * z), 1 - 2 * (x * x + z * z), 2 * (y * z - w * x)], -1),
-            np.stack([2 * (x * z - w * y), 2 * (y * z + w * x), 1 - 2 * (x * x + y * y)], -1),
-        ],
-        -2,
-    )
+from ..geometry import quaternion_to_matrix  # noqa: E402  (one implementation, shared)
 
 
 def random_quaternions(n: int, rng: np.random.Generator) -> np.ndarray:

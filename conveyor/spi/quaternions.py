@@ -80,19 +80,7 @@ def covering_angle(num_div: int) -> float:
 # ---------------------------------------------------------------------------------------
 # quaternion algebra
 # ---------------------------------------------------------------------------------------
-def quaternion_to_matrix(q) -> np.ndarray:
-    """Rotation matrices ``[..., 3, 3]`` of quaternions ``(w, x, y, z)`` (normalised first)."""
-    q = np.asarray(q, dtype=np.float64)
-    q = q / np.linalg.norm(q, axis=-1, keepdims=True)
-    w, x, y, z = np.moveaxis(q, -1, 0)
-    return np.stack(
-        [
-            np.stack([1 - 2 * (y * y + z * z), 2 * (x * y - w * z), 2 * (x * z + w * y)], -1),
-            np.stack([2 * (x * y + w * z), 1 - 2 * (x * x + z * z), 2 * (y * z - w * x)], -1),
-            np.stack([2 * (x * z - w * y), 2 * (y * z + w * x), 1 - 2 * (x * x + y * y)], -1),
-        ],
-        -2,
-    )
+from ..geometry import quaternion_to_matrix  # noqa: E402  (one implementation, shared)
 
 
 def matrix_to_quaternion(m) -> np.ndarray:
