@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import sys
 from pathlib import Path
 
@@ -27,15 +26,6 @@ def micrograph(tmp_path) -> Path:
     return path
 
 
-FAKE_APPTAINER = """#!{python}
-import os, subprocess, sys
-args = sys.argv[1:]
-i = 1
-while args[i].startswith("--"):
-    i += 2 if args[i] in ("--bind", "--env") else 1
-sys.exit(subprocess.call([sys.executable, os.environ["FAKE_HANDLER"], *args[i + 1:]]))
-"""
-
 HANDLER = """
 import shutil, sys
 from pathlib import Path
@@ -48,16 +38,8 @@ print("Gautomatch stand-in: 3 particles")
 
 
 @pytest.fixture
-def fake_apptainer(tmp_path, monkeypatch):
-    bindir = tmp_path / "fakebin"
-    bindir.mkdir()
-    exe = bindir / "apptainer"
-    exe.write_text(FAKE_APPTAINER.format(python=sys.executable))
-    exe.chmod(0o755)
-    handler = tmp_path / "handler.py"
-    handler.write_text(HANDLER.format(data=str(DATA)))
-    monkeypatch.setenv("FAKE_HANDLER", str(handler))
-    monkeypatch.setenv("PATH", f"{bindir}{os.pathsep}{os.environ['PATH']}")
+def fake_apptainer(tmp_path, install_fake_apptainer):
+    install_fake_apptainer(HANDLER.format(data=str(DATA)))
     image = tmp_path / "ctffind.sif"
     image.write_text("stand-in")
     return image

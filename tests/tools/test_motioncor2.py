@@ -8,7 +8,6 @@ writes MotionCor2's outputs, so the whole run-and-convert path is exercised.
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import sys
 from pathlib import Path
@@ -35,18 +34,6 @@ def movie(tmp_path) -> Path:
     return path
 
 
-FAKE_APPTAINER = """#!{python}
-import json, os, subprocess, sys
-args = sys.argv[1:]
-assert args[0] == "exec", args
-i = 1
-while args[i].startswith("--"):
-    i += 2 if args[i] in ("--bind", "--env") else 1
-with open(os.environ["FAKE_RECORD"], "a") as fh:
-    fh.write(json.dumps(args) + "\\n")
-sys.exit(subprocess.call([sys.executable, os.environ["FAKE_HANDLER"], *args[i + 1:]]))
-"""
-
 HANDLER = """
 import shutil, sys
 from pathlib import Path
@@ -68,19 +55,9 @@ print("MotionCor2 stand-in: done")
 
 
 @pytest.fixture
-def fake_apptainer(tmp_path, monkeypatch):
-    bindir = tmp_path / "fakebin"
-    bindir.mkdir()
-    exe = bindir / "apptainer"
-    exe.write_text(FAKE_APPTAINER.format(python=sys.executable))
-    exe.chmod(0o755)
-    handler = tmp_path / "handler.py"
+def fake_apptainer(tmp_path, install_fake_apptainer):
     repo = str(Path(__file__).resolve().parents[2])
-    handler.write_text(HANDLER.format(repo=repo, data=str(DATA / "v1.4_patch")))
-    record = tmp_path / "record.jsonl"
-    monkeypatch.setenv("FAKE_HANDLER", str(handler))
-    monkeypatch.setenv("FAKE_RECORD", str(record))
-    monkeypatch.setenv("PATH", f"{bindir}{os.pathsep}{os.environ['PATH']}")
+    record = install_fake_apptainer(HANDLER.format(repo=repo, data=str(DATA / "v1.4_patch")))
     image = tmp_path / "motioncor2.sif"
     image.write_text("not a real image")
     return image, record
