@@ -114,3 +114,39 @@ def describe() -> str:
         name = props["name"].decode() if isinstance(props["name"], bytes) else props["name"]
         return f"gpu ({name}, cupy {cp.__version__})"
     return f"cpu (numpy {np.__version__})"
+
+
+# --------------------------------------------------------------------------- CPU threads
+_threads: int | None = None
+
+
+def set_threads(n: int | None) -> None:
+    """Limit the CPU threads of this process to ``n`` (BLAS/OpenMP pools and the default
+    ``scipy.fft`` workers); ``None`` keeps every core this process may run on.
+
+    A scheduler gives a job a number of cores (SLURM ``--cpus-per-task``, Snakemake
+    ``threads``); the workflow passes it as ``conveyor --threads N``.
+    """
+    global _threads
+    if n is not None and int(n) < 1:
+        raise InputError("--threads", f"must be at least 1, got {n}", "pass the number of CPU cores of the job")
+    _threads = None if n is None else int(n)
+    if _threads is not None:
+        for var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
+            os.environ[var] = str(_threads)  # for child processes (peer tools)
+        try:
+            from threadpoolctl import threadpool_limits  # noqa: PLC0415
+
+            threadpool_limits(_threads)
+        except ImportError:  # pragma: no cover - threadpoolctl comes with scikit-learn
+            pass
+
+
+def threads() -> int:
+    """CPU threads this process should use: ``set_threads``, else the cores it may run on."""
+    if _threads is not None:
+        return _threads
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # pragma: no cover - not Linux
+        return os.cpu_count() or 1

@@ -45,6 +45,12 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="numpy (cpu) or cupy (gpu); default: $CONVEYOR_DEVICE or auto",
     )
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="CPU threads of this process (BLAS, FFT workers, peer tools); default: every core it may run on",
+    )
     parser.add_argument("-v", "--verbose", action="store_true", help="print progress details")
     top = parser.add_subparsers(dest="group", metavar="GROUP", required=True)
     groups: dict[str, argparse._SubParsersAction] = {}
@@ -75,10 +81,14 @@ def main(argv: list[str] | None = None) -> int:
     )
     try:
         backend.set_device(args.device)
+        backend.set_threads(args.threads)
         func = getattr(args, "func", None)
         if func is None:
             parser.error("no command given")
-        result = func(args)
+        import scipy.fft  # noqa: PLC0415
+
+        with scipy.fft.set_workers(backend.threads()):
+            result = func(args)
     except InputError as exc:
         print(f"conveyor: error: {exc}", file=sys.stderr)
         return 2

@@ -69,3 +69,29 @@ def test_gpu_round_trip():
     assert isinstance(a, cupy.ndarray)
     assert backend.array_module(a) is cupy
     np.testing.assert_array_equal(backend.to_host(a * 2), np.arange(4.0) * 2)
+
+
+def test_threads_limit_blas_and_fft_workers(monkeypatch):
+    """`conveyor --threads N` keeps a job within the cores it was given."""
+    import scipy.fft
+    from threadpoolctl import threadpool_info
+
+    import conveyor.commands.config as config_cmd
+    from conveyor.cli import main
+
+    seen = {}
+
+    def probe(args):
+        seen["fft"] = scipy.fft.get_workers()
+        seen["blas"] = {i["num_threads"] for i in threadpool_info() if i["user_api"] == "blas"}
+        return 0
+
+    monkeypatch.setattr(config_cmd, "_keys", probe)
+    try:
+        assert main(["--threads", "1", "config", "keys"]) == 0
+    finally:
+        backend.set_threads(None)
+    assert seen["fft"] == 1 and seen["blas"] <= {1}
+    assert backend.threads() >= 1
+    with pytest.raises(Exception, match="at least 1"):
+        backend.set_threads(0)

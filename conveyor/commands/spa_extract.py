@@ -24,8 +24,11 @@ from .spa_pick import load_micrograph
 log = logging.getLogger(__name__)
 
 
-def read_coordinates(path, micrograph_name) -> pd.DataFrame:
-    """Picks for ``micrograph_name`` from a coordinate STAR file (block ``particles`` or the only one)."""
+def read_coordinates(path, micrograph_name, strict: bool = False) -> pd.DataFrame:
+    """Picks for ``micrograph_name`` from a coordinate STAR file (block ``particles`` or the only one).
+
+    ``strict``: the file lists particles of many micrographs; keep only this one's (maybe none).
+    """
     from ..spa.extract import select_micrograph_rows  # noqa: PLC0415
 
     blocks = read_star(path)
@@ -39,7 +42,7 @@ def read_coordinates(path, micrograph_name) -> pd.DataFrame:
         raise InputError(path, "the coordinate table lacks rlnCoordinateX/Y", "pass the STAR file written by `conveyor spa pick`")
     if len(table) == 0:
         return pd.DataFrame({"rlnCoordinateX": pd.Series([], dtype=float), "rlnCoordinateY": pd.Series([], dtype=float)})
-    return select_micrograph_rows(table, micrograph_name, path, what="coordinates").reset_index(drop=True)
+    return select_micrograph_rows(table, micrograph_name, path, what="coordinates", strict=strict).reset_index(drop=True)
 
 
 def _extract(args) -> int:
@@ -50,6 +53,7 @@ def _extract(args) -> int:
         extract_particles,
         particle_blocks,
         read_ctf_row,
+        recenter_coordinates,
     )
 
     name = args.micrograph_name or str(args.micrograph)
@@ -62,7 +66,9 @@ def _extract(args) -> int:
     else:
         raise InputError("--box", "no box size", "pass --box (px) or --particle-diameter (Å)")
     check_box_bin(box, args.bin)
-    coords = read_coordinates(args.coords, name)
+    coords = read_coordinates(args.coords, name, strict=args.reextract)
+    if args.reextract:
+        coords = recenter_coordinates(coords, ps)
     xy = coords[["rlnCoordinateX", "rlnCoordinateY"]].to_numpy(dtype=float) if len(coords) else np.zeros((0, 2))
     kept = box_inside(image.shape, xy, box)
     t0 = time.perf_counter()
@@ -95,6 +101,10 @@ def register(group) -> None:
     p.add_argument("micrograph", help="motion-corrected micrograph (MRC)")
     p.add_argument("--coords", required=True, help="coordinate STAR file (conveyor spa pick)")
     p.add_argument("--ctf", required=True, help="CTF STAR file of this micrograph (conveyor spa ctf)")
+    p.add_argument("--reextract", action="store_true",
+                   help="--coords is a particle STAR file of many micrographs (e.g. the particles of selected 2D "
+                   "classes): take this micrograph's particles only and re-centre them by their "
+                   "rlnOriginX/YAngst (RELION's re-extraction with re-centring)")
     p.add_argument("--box", type=int, default=None, help="box size in micrograph px (default: from --particle-diameter)")
     p.add_argument("--particle-diameter", type=float, default=None, help="Å; box = 1.5 × diameter rounded to an FFT-friendly size")
     p.add_argument("--bin", type=int, default=1, help="binning by Fourier cropping (1, 2, 4; box/bin must be even)")

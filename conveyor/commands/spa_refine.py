@@ -16,6 +16,7 @@ folder) with the CTF per particle; particle shifts come from ``rlnOriginX/YAngst
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import time
@@ -146,6 +147,41 @@ def _initial_model(args) -> int:
 
 
 # --------------------------------------------------------------------------- refine3d
+_RUN_KEYS = ("particles", "reference", "symmetry", "particle_diameter", "iterations", "initial_lowpass", "angular_step",
+             "finest_step", "max_shift", "classes", "max_particles", "seed")
+FINGERPRINT = "inputs.sha256"
+
+
+def run_fingerprint(args) -> str:
+    """SHA-256 of the particle STAR file, the reference map and the options that shape a run."""
+    h = hashlib.sha256()
+    for key in ("particles", "reference"):
+        with open(getattr(args, key), "rb") as fh:
+            for block in iter(lambda: fh.read(1 << 20), b""):
+                h.update(block)
+    h.update(json.dumps({k: getattr(args, k, None) for k in _RUN_KEYS}, sort_keys=True, default=str).encode())
+    return h.hexdigest()
+
+
+def _same_run_or_fresh(out: Path, args) -> bool:
+    """``--auto-continue``: True (resume) when ``out`` holds an interrupted run of the same
+    inputs and options; otherwise remove its iteration files so the run starts afresh."""
+    stamp = out / FINGERPRINT
+    digest = run_fingerprint(args)
+    saved = stamp.read_text().strip() if stamp.exists() else None
+    iterations = sorted(out.glob("it[0-9][0-9][0-9]_*")) if out.exists() else []
+    if iterations and saved == digest:
+        log.info("%s: continuing the interrupted refinement of the same inputs", out)
+        return True
+    for p in iterations + [out / "refine.log"]:
+        p.unlink(missing_ok=True)
+    if iterations:
+        log.info("%s: previous iteration files were for other inputs or options: removed, starting afresh", out)
+    out.mkdir(parents=True, exist_ok=True)
+    stamp.write_text(digest + "\n")
+    return False
+
+
 def _refine3d(args) -> int:
     from ..geometry import parse_symmetry  # noqa: PLC0415
     from ..io.mrc import write_mrc  # noqa: PLC0415
@@ -158,6 +194,8 @@ def _refine3d(args) -> int:
     if args.classes < 1:
         raise InputError("--classes", f"must be at least 1, got {args.classes}", "use 1 for refinement, K > 1 to classify")
     out = Path(args.out_dir)
+    if args.auto_continue:
+        args.resume = _same_run_or_fresh(out, args)
     if not args.resume and out.exists() and any(out.glob("it[0-9][0-9][0-9]_model.json")):
         raise InputError(out, "holds a previous refinement", "pass --continue to resume it, or choose a new --out-dir")
     table, optics, images, ps, ctf, shifts = load_particles(args.particles, args.max_particles, args.seed)
@@ -320,6 +358,9 @@ def register(group) -> None:
     p.add_argument("--finest-step", type=float, default=None, help="degrees, last local step (default from radius and Nyquist)")
     p.add_argument("--max-shift", type=float, default=4.0, help="px, translation range of the global search (default 4)")
     p.add_argument("--continue", dest="resume", action="store_true", help="resume after the last finished iteration in --out-dir")
+    p.add_argument("--auto-continue", action="store_true",
+                   help="resume when --out-dir holds an interrupted run of the same particles, reference and options "
+                   "(recorded in inputs.sha256); otherwise remove its iteration files and start afresh (the workflow's mode)")
     p.add_argument("--classes", type=int, default=1, help="number of 3D classes (1: refinement)")
     p.add_argument("--max-particles", type=int, default=None, help="use a random subset of this many particles")
     p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")

@@ -77,18 +77,18 @@ LOG_COLUMNS = ("iteration", "resolution_limit", "best_resolution", "temperature"
 
 # --------------------------------------------------------------------------- helpers
 def _fft(xp):
-    """FFT functions for ``xp``: scipy.fft with all cores for numpy, cupy.fft for cupy."""
+    """FFT functions for ``xp``: scipy.fft (workers: ``conveyor --threads``) for numpy, cupy.fft for cupy."""
     if xp is np:
         import scipy.fft as sfft  # noqa: PLC0415
 
         class _Sfft:
             @staticmethod
             def rfft2(a):
-                return sfft.rfft2(a, workers=-1)
+                return sfft.rfft2(a)
 
             @staticmethod
             def irfft2(a, s):
-                return sfft.irfft2(a, s=s, workers=-1)
+                return sfft.irfft2(a, s=s)
 
         return _Sfft
     return xp.fft

@@ -288,19 +288,25 @@ def micrograph_key(name) -> str:
     return base.rsplit(".", 1)[0] if "." in base else base
 
 
-def select_micrograph_rows(table, micrograph_name, source=None, *, what: str = "rows"):
+def select_micrograph_rows(table, micrograph_name, source=None, *, what: str = "rows", strict: bool = False):
     """Rows of ``table`` that belong to ``micrograph_name``.
 
     Matching is on ``rlnMicrographName``: the exact name first, then the file stem (paths
     differ between steps); a table without that column, or whose rows all name a single
-    micrograph, is taken as belonging to it.
+    micrograph, is taken as belonging to it. With ``strict`` (a table of many micrographs,
+    such as the selected particles of a whole data set), only matching rows are returned,
+    possibly none.
     """
     if "rlnMicrographName" not in table.columns or len(table) == 0:
+        if strict and len(table):
+            raise InputError(source, "has no rlnMicrographName column", "pass a particle STAR file of the data set")
         return table
     names = table["rlnMicrographName"].astype(str)
     hit = names == str(micrograph_name)
     if not hit.any():
         hit = names.map(micrograph_key) == micrograph_key(micrograph_name)
+    if strict:
+        return table[hit.to_numpy()]
     if not hit.any():
         if names.nunique() == 1:
             return table
@@ -310,6 +316,26 @@ def select_micrograph_rows(table, micrograph_name, source=None, *, what: str = "
             "pass the file written for this micrograph, or --micrograph-name as written in it",
         )
     return table[hit.to_numpy()]
+
+
+def recenter_coordinates(table, micrograph_pixel_size: float):
+    """Particle coordinates moved to the centres found by 2D classification or refinement.
+
+    RELION convention: ``rlnOriginXAngst`` is the shift that centres the particle image, so
+    the particle's centre lies at ``rlnCoordinateX - rlnOriginXAngst / pixel size`` (px of
+    the micrograph; the same for y), as in RELION's re-extraction with re-centring. Returns
+    a copy of ``table`` with the new coordinates and without the origin columns (the
+    re-extracted images are centred); tables without origins are returned unchanged.
+    """
+    out = table.copy()
+    ps = float(micrograph_pixel_size)
+    for axis in ("X", "Y"):
+        col = f"rlnOrigin{axis}Angst"
+        if col in out.columns and len(out):
+            shift = np.asarray(out[col], dtype=float) / ps
+            out[f"rlnCoordinate{axis}"] = np.asarray(out[f"rlnCoordinate{axis}"], dtype=float) - shift
+            out = out.drop(columns=[col])
+    return out
 
 
 def read_ctf_row(path, micrograph_name=None) -> dict:

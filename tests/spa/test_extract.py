@@ -222,3 +222,45 @@ def test_micrograph_without_particles_gives_an_empty_table(tmp_path):
     assert rc == 0
     blocks = read_star(tmp_path / "s.star")
     assert len(blocks.get("particles", [])) == 0
+
+
+def test_reextraction_recentres_by_the_origins_and_keeps_one_micrograph(tmp_path, monkeypatch):
+    """Particles picked off-centre, with the origins a 2D classification reports for them
+    (RELION convention: the shift that centres the image, in Å), are re-extracted centred;
+    rows of other micrographs in the same file are ignored, and a micrograph with none of
+    the selected particles gets an empty table (not another micrograph's particles)."""
+    monkeypatch.chdir(tmp_path)
+    shape = (512, 512)
+    true = np.array([[120.0, 140.0], [300.0, 260.0], [400.0, 380.0]])
+    img = 100.0 * (1.0 - 0.3 * sum(particle(shape, x, y) for x, y in true))
+    write_mrc("mic_a.mrc", img, PIXEL)
+    write_mrc("mic_b.mrc", img, PIXEL)
+    _ctf_star("a_ctf.star", "mic_a.mrc")
+    _ctf_star("b_ctf.star", "mic_b.mrc")
+    off = np.array([[4.0, -3.0], [-5.0, 2.0], [3.0, 5.0]])  # picks = truth + off (px)
+    picked = true + off
+    # in a box centred on the pick the particle sits at -off from the centre; RELION's
+    # origin is the shift that centres it: +off (px), and the centre is coordinate - origin
+    sel = pd.DataFrame({"rlnMicrographName": ["mic_a.mrc"] * 3 + ["mic_c.mrc"],
+                        "rlnCoordinateX": list(picked[:, 0]) + [50.0], "rlnCoordinateY": list(picked[:, 1]) + [60.0],
+                        "rlnOriginXAngst": list(off[:, 0] * PIXEL) + [0.0],
+                        "rlnOriginYAngst": list(off[:, 1] * PIXEL) + [0.0],
+                        "rlnClassNumber": [1, 1, 2, 1]})
+    starfile.write({"particles": sel}, "selected.star", overwrite=True)
+    base = ["spa", "extract", "--coords", "selected.star", "--reextract", "--box", "64", "--bin", "1"]
+    assert main(base[:2] + ["mic_a.mrc"] + base[2:] + ["--ctf", "a_ctf.star", "--out-stack", "a.mrcs",
+                                                        "--out-star", "a.star"]) == 0
+    parts = starfile.read("a.star", always_dict=True)["particles"]
+    assert len(parts) == 3
+    got = parts[["rlnCoordinateX", "rlnCoordinateY"]].to_numpy(float)
+    assert np.abs(got - true).max() < 1e-6
+    assert "rlnOriginXAngst" not in parts.columns
+    ref = particle((64, 64), 32, 32)
+    for k in range(3):
+        im, _ = read_stack_images("a.mrcs", [k])
+        dx, dy = shift_by_xcorr(im[0], ref)
+        assert abs(dx) < 0.5 and abs(dy) < 0.5, (k, dx, dy)
+    # mic_b has no selected particle: an empty table, not mic_a's or mic_c's rows
+    assert main(base[:2] + ["mic_b.mrc"] + base[2:] + ["--ctf", "b_ctf.star", "--out-stack", "b.mrcs",
+                                                        "--out-star", "b.star"]) == 0
+    assert len(starfile.read("b.star", always_dict=True).get("particles", [])) == 0

@@ -167,6 +167,19 @@ def test_commands_refine_continue_postprocess_and_fsc(tmp_path, data, capsys):
     assert run["iterations"] == 3
     fsc_table = read_fsc_star(out / "fsc.star")
     assert len(fsc_table) == BOX // 2 + 1
+    # --auto-continue (the workflow's mode): a run of the same inputs continues from its
+    # last finished iteration; other options start afresh, removing the old iterations
+    auto = tmp_path / "auto"
+    a_args = ["spa", "refine3d", "--particles", str(star), "--reference", str(tmp_path / "ref.mrc"), "--out-dir",
+              str(auto), "--symmetry", "D3", "--particle-diameter", str(DIAMETER), "--iterations", "2", "--auto-continue"]
+    assert main(a_args) == 0
+    assert (auto / "inputs.sha256").exists() and (auto / "it002_model.json").exists()
+    (auto / "it002_model.json").unlink()  # as if killed during iteration 2
+    assert main(a_args) == 0
+    assert "continuing after iteration 1" in (auto / "refine.log").read_text()
+    assert main(a_args[:-3] + ["--iterations", "1", "--seed", "5", "--auto-continue"]) == 0
+    assert "continuing" not in (auto / "refine.log").read_text()
+    assert not (auto / "it002_model.json").exists() and (auto / "it001_model.json").exists()
     # postprocess with the truth as reference (validation only)
     pp = tmp_path / "post"
     assert main(["spa", "postprocess", "--half1", str(out / "half1.mrc"), "--half2", str(out / "half2.mrc"),
