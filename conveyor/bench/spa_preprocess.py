@@ -22,7 +22,8 @@ importing the package (``startup_s``); ``run_s`` is the command itself. RELION's
 those of the RELION program alone (the adapters' file conversion in
 :mod:`conveyor.tools.relion` is not counted). Threads: RELION gets ``--j`` (motion only;
 its picking and extraction are single-threaded without MPI); ours runs with
-``scipy.fft`` workers and the BLAS/OpenMP thread variables set to the same number.
+``conveyor --threads`` (``scipy.fft`` workers and BLAS pools) and the BLAS/OpenMP thread
+variables set to the same number.
 
 Accuracy against the simulator's truth: whole-frame drift RMSE (px) after removing the
 common offset, for both motion corrections; pick F1 (one-to-one matches within 0.2
@@ -62,6 +63,24 @@ RELION_BFACTOR_PX2 = 150.0
 MATCH_RADIUS = 0.2
 
 STEPS = ("motion", "ctf", "pick", "extract")
+#: RELION program of each step (none for CTF).
+RELION_EXES = {"motion": "relion_run_motioncorr", "pick": "relion_autopick", "extract": "relion_preprocess"}
+
+
+def parse_steps(text) -> tuple[str, ...]:
+    """``"motion,ctf"`` -> ("motion", "ctf"). Each step needs the ones before it (CTF runs on the
+    motion-corrected sum, picking on it too, extraction uses the CTF and the picks), so the
+    steps must be the first 1-4 of motion, ctf, pick, extract."""
+    from ..errors import InputError  # noqa: PLC0415
+
+    if text is None:
+        return STEPS
+    asked = tuple(t.strip().lower() for t in (text.split(",") if isinstance(text, str) else text) if t.strip())
+    if not asked or asked != STEPS[:len(asked)]:
+        raise InputError("bench spa-preprocess --steps", f"cannot run the steps {text!r}",
+                         "give the first steps in order: motion | motion,ctf | motion,ctf,pick | "
+                         "motion,ctf,pick,extract (each needs the ones before it)")
+    return asked
 
 
 # ----------------------------------------------------------------------------- worker
@@ -70,19 +89,17 @@ STEPS = ("motion", "ctf", "pick", "extract")
 def _worker(argv: list[str]) -> int:
     """``python -m conveyor.bench.spa_preprocess --worker THREADS TIMING.json -- CONVEYOR-ARGS``.
 
-    Runs the ``conveyor`` command line in this process with ``scipy.fft`` limited to
-    THREADS workers and writes how long the imports and the command took.
+    Runs the ``conveyor`` command line in this process (the runner passes ``--threads
+    THREADS``, which limits the ``scipy.fft`` workers and the BLAS pools) and writes how long
+    the imports and the command took.
     """
     t0 = time.perf_counter()
-    threads, timing = int(argv[0]), argv[1]
+    timing = argv[1]
     rest = argv[3:] if len(argv) > 2 and argv[2] == "--" else argv[2:]
-    import scipy.fft  # noqa: PLC0415
-
     from conveyor.cli import main  # noqa: PLC0415
 
     t1 = time.perf_counter()
-    with scipy.fft.set_workers(threads):
-        rc = main(rest)
+    rc = main(rest)
     t2 = time.perf_counter()
     Path(timing).write_text(json.dumps({"startup_in_process_s": t1 - t0, "run_s": t2 - t1, "returncode": rc}))
     return rc
@@ -194,7 +211,7 @@ class _Runner:
 
         timing = self.work / f".timing_{tag}.json"
         cmd = [sys.executable, "-m", "conveyor.bench.spa_preprocess", "--worker", str(self.threads), str(timing),
-               "--", "--device", self.device, *argv]
+               "--", "--device", self.device, "--threads", str(self.threads), *argv]
         m = run_measured(cmd, cwd=self.work, env=self.env).check(f"conveyor {argv[0]} {argv[1]}")
         t = json.loads(timing.read_text())
         timing.unlink()
@@ -241,8 +258,11 @@ def _side_summary(measurements) -> dict | None:
 
 def run_benchmark(*, size: int | None = None, frames: int | None = None, threads: int = 1, repeat: int = 1,
                   relion: bool = True, device: str | None = None, workdir=None, keep: bool = False,
-                  seed: int = 0, relion_bin=None, argv=None, log=print) -> dict:
-    """Run the benchmark and return the report (a JSON-able dict); see the module docstring."""
+                  seed: int = 0, relion_bin=None, steps=None, argv=None, log=print) -> dict:
+    """Run the benchmark and return the report (a JSON-able dict); see the module docstring.
+
+    ``steps``: the steps to run, the first 1-4 of :data:`STEPS` (default all; see
+    :func:`parse_steps`)."""
     import numpy as np  # noqa: PLC0415
 
     from .. import backend  # noqa: PLC0415
@@ -259,11 +279,12 @@ def run_benchmark(*, size: int | None = None, frames: int | None = None, threads
         raise InputError("bench spa-preprocess", "--threads and --repeat must be at least 1", "pass 1 or more")
     if frames < 2:
         raise InputError("bench spa-preprocess --frames", f"{frames} frame(s)", "pass at least 2 frames")
+    steps = parse_steps(steps)
     exes = {}
     if relion:
         from ..tools.relion import relion_exe  # noqa: PLC0415
 
-        for name in ("relion_run_motioncorr", "relion_autopick", "relion_preprocess"):
+        for name in (RELION_EXES[s] for s in steps if s in RELION_EXES):
             exes[name] = relion_exe(name, relion_bin)
 
     report = new_report("spa-preprocess", argv)
@@ -274,6 +295,7 @@ def run_benchmark(*, size: int | None = None, frames: int | None = None, threads
         "bin": BIN, "box": _box(DIAMETER, PIXEL_SIZE), "seed": seed, "relion": bool(relion),
         "bfactor_ours_A2": OUR_BFACTOR, "bfactor_relion_px2": RELION_BFACTOR_PX2,
         "particles": max(2, int(round(PARTICLES_PER_MPX * (size / 1024) ** 2))),
+        "steps": list(steps),
     }
     report["params"] = params
 
@@ -388,6 +410,8 @@ def _run_steps(work: Path, p: dict, device: str, exes: dict, log) -> list[dict]:
         rs = relion_to_conveyor_shifts(gs[["rlnMicrographShiftX", "rlnMicrographShiftY"]].to_numpy(float))
         acc["relion_drift_rmse_px"] = drift_rmse(rs, truth_shifts)
     steps.append(_step("motion", mo, mr, acc))
+    if "ctf" not in p["steps"]:
+        return _ratios(steps)
 
     # ---- CTF (ours only)
     ctf_ours = ["spa", "ctf", nodw, "--pixel-size", str(PIXEL_SIZE), "--voltage", str(VOLTAGE), "--cs", str(CS),
@@ -403,6 +427,8 @@ def _run_steps(work: Path, p: dict, device: str, exes: dict, log) -> list[dict]:
            "ours_defocus_error_A": err, "ours_defocus_error_pct": 100.0 * err / (0.5 * (tu + tv)),
            "relion": "n/a: RELION 3.1 has no CTF estimator of its own (it runs CTFFIND or Gctf)"}
     steps.append(_step("ctf", mo, [], acc))
+    if "pick" not in p["steps"]:
+        return _ratios(steps)
 
     # ---- picking
     pick_ours = ["spa", "pick", dw, "--particle-diameter", str(DIAMETER), "--method", "log",
@@ -448,6 +474,8 @@ def _run_steps(work: Path, p: dict, device: str, exes: dict, log) -> list[dict]:
         acc["relion"] = f1_score(rxy[_inside(rxy, shape, edge)], truth_xy, radius)
         acc["relion_f1"] = acc["relion"]["f1"]
     steps.append(_step("pick", mo, mr, acc))
+    if "extract" not in p["steps"]:
+        return _ratios(steps)
 
     # ---- extraction (bin 4): the same coordinates and CTF for both sides -- our picks, or the
     # true particle positions when none of the picks leaves room for a whole box

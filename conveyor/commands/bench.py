@@ -20,7 +20,8 @@ def _spa_preprocess(args) -> int:
 
     report = run_benchmark(size=args.size, frames=args.frames, threads=args.threads, repeat=args.repeat,
                            relion=not args.no_relion, device=args.device, workdir=args.workdir, keep=args.keep,
-                           seed=args.seed, relion_bin=args.relion_bin, argv=["conveyor", *sys.argv[1:]], log=_log)
+                           seed=args.seed, relion_bin=args.relion_bin, steps=args.steps,
+                           argv=["conveyor", *sys.argv[1:]], log=_log)
     write_report(report, args.out)
     print(format_report(report))
     return 0
@@ -82,6 +83,8 @@ def register(group) -> None:
     p.add_argument("--seed", type=int, default=0, help="simulation seed (default 0)")
     p.add_argument("--workdir", default=None, help="work here (kept) instead of a temporary directory")
     p.add_argument("--keep", action="store_true", help="keep the temporary work directory")
+    p.add_argument("--steps", default=None,
+                   help="run only the first steps, e.g. 'motion' or 'motion,ctf' (default all four)")
     p.set_defaults(func=_spa_preprocess)
 
     p = g.add_parser(

@@ -124,7 +124,13 @@ def _frequency_radius(shape, pixel_size, xp, rfft=True):
 
 
 class _DoseFilter:
-    """Per-frame dose filters on one rFFT grid, computed frame by frame (little memory)."""
+    """Per-frame dose filters on one rFFT grid, computed frame by frame (little memory).
+
+    ``q_f = exp(-N_f / (2 Ne))`` with ``N_f = pre + (f + 1) dose`` is ``pre_factor * step^(f+1)``
+    (``step = exp(-dose / (2 Ne))``, ``pre_factor = exp(-pre / (2 Ne))``), so the normalisation
+    ``sum_f q_f²`` is a geometric series (closed form), and a weighted sum over frames can be
+    accumulated by Horner's rule (:attr:`step`, :attr:`post`) without forming any filter.
+    """
 
     def __init__(self, shape, pixel_size, dose_per_frame, n_frames, voltage=300.0, pre_exposure=0.0,
                  normalize=True, xp=None):
@@ -143,9 +149,11 @@ class _DoseFilter:
         self.pre = float(pre_exposure)
         self.half_inv_ne = (0.5 / ne).astype(xp.float64)  # 0 at k = 0
         if normalize:
-            sumsq = xp.zeros_like(self.half_inv_ne)
-            for f in range(self.n):
-                sumsq += xp.exp(-2.0 * self.exposure(f) * self.half_inv_ne)
+            # sum_f q_f² = exp(-pre/Ne) sum_{j=1..n} exp(-j x), x = dose/Ne: a geometric series
+            x = 2.0 * self.dose * self.half_inv_ne
+            xs = xp.where(x > 0, x, 1.0)
+            series = xp.where(x > 0, -xp.expm1(-self.n * xs) / xp.expm1(xs), float(self.n))
+            sumsq = xp.exp(-2.0 * self.pre * self.half_inv_ne) * series
             self.norm = xp.sqrt(self.n / sumsq)
         else:
             self.norm = None
@@ -159,6 +167,19 @@ class _DoseFilter:
         if self.norm is not None:
             w = w * self.norm
         return w.astype(self.xp.float32)
+
+    @property
+    def step(self):
+        """``exp(-dose / (2 Ne))`` (float32): the ratio of consecutive frames' filters."""
+        return self.xp.exp(-self.dose * self.half_inv_ne).astype(self.xp.float32)
+
+    @property
+    def post(self):
+        """``exp(-pre / (2 Ne))`` times the normalisation (float32): ``w_f = post * step^(f+1)``."""
+        p = self.xp.exp(-self.pre * self.half_inv_ne)
+        if self.norm is not None:
+            p = p * self.norm
+        return p.astype(self.xp.float32)
 
 
 def dose_weights(shape, pixel_size: float, dose_per_frame: float, voltage: float = 300.0,
@@ -221,19 +242,27 @@ def _good_size(n: int) -> int:
         m += 2
 
 
-def _crop_size(n: int, pixel_size: float, bfactor: float, binning: float) -> int:
-    """Even size of the Fourier-cropped grid for alignment along an axis of ``n`` px.
+#: The whole-frame alignment keeps the spatial frequencies where the cross-power weight
+#: ``exp(-B k²/2)`` is at least ``exp(-ALIGN_BAND)``: ``|k| <= sqrt(2 ALIGN_BAND / B)`` (1/Å);
+#: the patch alignment, with far fewer pixels per measurement, keeps ``exp(-PATCH_BAND)``.
+ALIGN_BAND = 1.0
+PATCH_BAND = 2.0
 
-    Keeps frequencies up to where the cross-power low-pass ``exp(-B k²/2)`` falls to e^-6
-    (k_c = sqrt(12 / B) in 1/Å), and at most ``n / binning``.
+
+def _band_size(n: int, pixel_size: float, bfactor: float, binning: float = 1.0, band: float | None = None) -> int:
+    """Even size (samples) of the Fourier-cropped alignment grid along an axis of ``n`` px.
+
+    Keeps ``|k| <= sqrt(2 band / B)`` 1/Å (all of it for ``B = 0``; ``band`` default
+    :data:`ALIGN_BAND`), at most ``n / binning``; rounded up to a fast FFT size, at least 16
+    and at most ``n``.
     """
+    band = ALIGN_BAND if band is None else band
     limit = n / max(float(binning), 1.0)
     if bfactor > 0:
-        kc = math.sqrt(12.0 / bfactor)  # 1/Å
-        limit = min(limit, 2.0 * kc * pixel_size * n + 2)
-    m = int(min(n, limit))
-    m = max(m - (m % 2), min(n - n % 2, 16))
-    return m
+        kc = math.sqrt(2.0 * band / bfactor)  # 1/Å
+        limit = min(limit, 2.0 * kc * pixel_size * n)
+    m = _good_size(max(int(math.ceil(limit)), 16))
+    return int(min(m, n - n % 2))
 
 
 def _taper(ny: int, nx: int, width: float, xp):
@@ -252,72 +281,101 @@ def _taper(ny: int, nx: int, width: float, xp):
     return xp.asarray(np.outer(ramp(ny), ramp(nx)), dtype=xp.float32)
 
 
+def _signed(m: int):
+    """Signed frequency (or lag) index of the ``m`` rows of an FFT grid: 0, 1, ..., -1."""
+    i = np.arange(m)
+    return np.where(i <= m // 2, i, i - m)
+
+
 @dataclass
 class _Grid:
-    """Cropped rFFT grid used for alignment of images of size (ny, nx)."""
+    """The rFFT grid of an alignment: ``(my, mx)`` samples spanning ``(ly, lx)`` px of the frame.
 
-    ny: int
-    nx: int
+    Frequencies are in cycles per px of the frame and shifts in px of the frame, whatever
+    the sampling; one sample of the grid (a pixel of its CC map) is ``scale`` px.
+    """
+
     my: int
     mx: int
-    rows: object  # kept rows of the full rfft2 (device int array)
-    ky: object  # cycles per original px, [my] (device float32)
+    ly: float
+    lx: float
+    ky: object  # cycles per px, [my] (device float32)
     kx: object  # [mx // 2 + 1]
-    weight: object  # B-factor weight x Hermitian multiplicity mask, [my, mkx] float32
-    hw: object  # Hermitian multiplicity of columns (1, 2, ..., 2, 0), [mkx] float32
+    filt: object  # per-image B-factor filter exp(-B k²/4), 0 on the Nyquist row/column, [my, mkx]
     max_shift: float  # px, largest shift searched in the CC map
-    dist_y: object  # |shift| (px) of every CC-map row, [my, 1] (device float32)
+    dist_y: object  # |lag| (px) of every CC-map row, [my, 1]
     dist_x: object  # [1, mx]
+    moments: tuple  # (hw·[1, kx] [mkx, 2], hw·[kx, kx²] [mkx, 2], [ky, ky²] [my, 2]), complex64
 
     @property
     def scale(self):
-        return (self.ny / self.my, self.nx / self.mx)  # original px per CC-map px (y, x)
+        """px of the frame per sample (CC-map pixel), (y, x)."""
+        return (self.ly / self.my, self.lx / self.mx)
 
 
-def _make_grid(ny, nx, pixel_size, bfactor, binning, max_shift, xp) -> _Grid:
-    my = _crop_size(ny, pixel_size, bfactor, binning)
-    mx = _crop_size(nx, pixel_size, bfactor, binning)
+def _make_grid(my, mx, ly, lx, pixel_size, bfactor, max_shift, xp) -> _Grid:
     mkx = mx // 2 + 1
-    iy = np.arange(my)
-    sy = np.where(iy < my // 2, iy, iy - my)  # signed row index on the cropped grid
-    rows = np.where(iy < my // 2, iy, ny - my + iy)
-    ky = sy / ny
-    kx = np.arange(mkx) / nx
+    ky = np.where(np.arange(my) < my // 2, np.arange(my), np.arange(my) - my) / float(ly)
+    kx = np.arange(mkx) / float(lx)
     k2 = (ky[:, None] ** 2 + kx[None, :] ** 2) / pixel_size**2
-    w = np.exp(-0.5 * bfactor * k2)
-    w[my // 2, :] = 0.0  # cropped Nyquist row/column: no Hermitian partner on the grid
-    w[:, mkx - 1] = 0.0
-    hw = np.full(mkx, 2.0)
+    filt = np.exp(-0.25 * bfactor * k2)
+    filt[my // 2, :] = 0.0  # Nyquist row/column: no Hermitian partner on the grid
+    filt[:, mkx - 1] = 0.0
+    hw = np.full(mkx, 2.0)  # Hermitian multiplicity of the rFFT columns
     hw[0] = 1.0
     hw[mkx - 1] = 0.0
-    scy, scx = ny / my, nx / mx
-    yy = np.where(np.arange(my) <= my // 2, np.arange(my), np.arange(my) - my) * scy
-    xx = np.where(np.arange(mx) <= mx // 2, np.arange(mx), np.arange(mx) - mx) * scx
-    dy = np.abs(yy)
-    dx = np.abs(xx)
+    dy = np.abs(_signed(my)) * (ly / my)
+    dx = np.abs(_signed(mx)) * (lx / mx)
     dy[my // 2] = np.inf  # the CC map's Nyquist row/column are never a peak
     dx[mx // 2] = np.inf
-    f32 = xp.float32
-    return _Grid(ny, nx, my, mx, xp.asarray(rows), xp.asarray(ky, dtype=f32), xp.asarray(kx, dtype=f32),
-                 xp.asarray(w, dtype=f32), xp.asarray(hw, dtype=f32), float(max_shift),
-                 xp.asarray(dy[:, None], dtype=f32), xp.asarray(dx[None, :], dtype=f32))
+    f32, c64 = xp.float32, xp.complex64
+    moments = (xp.asarray(np.stack([hw, hw * kx], axis=1), dtype=c64),
+               xp.asarray(np.stack([hw * kx, hw * kx * kx], axis=1), dtype=c64),
+               xp.asarray(np.stack([ky, ky * ky], axis=1), dtype=c64))
+    return _Grid(my, mx, float(ly), float(lx), xp.asarray(ky, dtype=f32), xp.asarray(kx, dtype=f32),
+                 xp.asarray(filt, dtype=f32), float(max_shift), xp.asarray(dy[:, None], dtype=f32),
+                 xp.asarray(dx[None, :], dtype=f32), moments)
 
 
-def _cropped_spectra(images, grid: _Grid, taper_width: float, xp, chunk_px: int = 1 << 24):
-    """Mean-subtracted, edge-tapered images [N, ny, nx] -> cropped spectra [N, my, mkx] complex64."""
-    n = images.shape[0]
-    mkx = grid.mx // 2 + 1
-    win = _taper(grid.ny, grid.nx, taper_width, xp)
-    out = xp.empty((n, grid.my, mkx), dtype=xp.complex64)
-    step = max(1, chunk_px // (grid.ny * grid.nx))
-    for i in range(0, n, step):
-        blk = xp.asarray(images[i:i + step], dtype=xp.float32)
-        blk = blk - blk.mean(axis=(-2, -1), keepdims=True)
-        blk *= win
-        # rFFT along x, keep the cropped columns, then FFT along y of those only, keep the rows
-        spec = _fft(xp).rfft(blk, axis=-1)[..., :mkx]
-        out[i:i + step] = _fft(xp).fft(spec, axis=-2)[..., grid.rows, :]
+def _crop_spectrum(spec, my, mx, xp):
+    """Fourier crop of rFFT spectra ``[..., ny, nkx]`` to ``[..., my, mx // 2 + 1]`` (new array).
+
+    Keeps the lowest ``my`` rows (signed) and ``mx // 2 + 1`` columns; the cropped grid's
+    Nyquist row and column (which have no Hermitian partner there) are set to 0.
+    """
+    ny = spec.shape[-2]
+    mkx = mx // 2 + 1
+    h = my // 2
+    out = xp.empty(spec.shape[:-2] + (my, mkx), dtype=spec.dtype)
+    out[..., :h, :] = spec[..., :h, :mkx]
+    out[..., h:, :] = spec[..., ny - h:, :mkx]
+    out[..., h, :] = 0
+    out[..., :, mkx - 1] = 0
     return out
+
+
+def _binned_frames(spec, shape, size, xp):
+    """Frames Fourier-cropped (binned) to ``size`` (my, mx) from their full rFFT spectra: float32.
+
+    The values are local means (the mean level of the frames is kept).
+    """
+    ny, nx = shape
+    my, mx = size
+    img = _fft(xp).irfft2(_crop_spectrum(spec, my, mx, xp), s=(my, mx), axes=(-2, -1))
+    img *= (my * mx) / float(ny * nx)
+    return img.astype(xp.float32, copy=False)
+
+
+def _tapered_spectra(images, taper_width: float, xp, size=None):
+    """rFFT of mean-subtracted, edge-tapered images ``[..., h, w]`` -> complex64, cropped to ``size``."""
+    h, w = images.shape[-2:]
+    win = _taper(h, w, taper_width, xp)
+    a = xp.asarray(images, dtype=xp.float32)
+    a = (a - a.mean(axis=(-2, -1), keepdims=True)) * win
+    spec = _fft(xp).rfft2(a, axes=(-2, -1))
+    if size is not None and tuple(size) != (h, w):
+        spec = _crop_spectrum(spec, size[0], size[1], xp)
+    return spec.astype(xp.complex64, copy=False)
 
 
 def _ramp_factors(ky, kx, shifts, xp):
@@ -331,39 +389,33 @@ def _ramp_factors(ky, kx, shifts, xp):
 def _shifted(spec, ky, kx, shifts, xp, out=None):
     """``spec`` [..., my, mkx] times the phase ramp that moves the content by ``-shifts`` [..., 2]."""
     ey, ex = _ramp_factors(ky, kx, shifts, xp)
-    if out is None:
-        out = spec * ey[..., :, None]
-    else:
-        out *= ey[..., :, None]
+    out = xp.multiply(spec, ey[..., :, None], out=out)
     out *= ex[..., None, :]
     return out
 
 
-def _box_sum(a, lo: int, hi: int, xp):
-    """Sum over frames t-lo .. t+hi (axis -3), truncated at the ends."""
-    out = a.copy()
-    n = a.shape[-3]
-    for k in range(1, min(lo, n - 1) + 1):  # frames before t
-        out[..., k:, :, :] += a[..., :n - k, :, :]
-    for k in range(1, min(hi, n - 1) + 1):  # frames after t
-        out[..., :n - k, :, :] += a[..., k:, :, :]
-    return out
+def _mix(mat, a, xp):
+    """Frame combinations: ``mat`` [u, n] applied along the frame axis (-3) of ``a`` [..., n, my, mkx]."""
+    sh = a.shape
+    flat = a.reshape(sh[:-3] + (sh[-3], sh[-2] * sh[-1]))
+    out = xp.matmul(xp.asarray(mat, dtype=a.dtype), flat)
+    return out.reshape(sh[:-3] + (mat.shape[0],) + sh[-2:])
 
 
-def _window_sums(a, group: int, xp):
-    """(weighted, support) running sums over ``group`` frames centred on each frame (axis -3).
+def _window_matrices(n: int, group: int):
+    """(weighted, support) [n, n]: running sums over ``group`` frames centred on each frame.
 
     ``weighted`` uses triangular weights (a box of (group+1)//2 frames convolved with itself:
     1-2-1 for 3 frames), whose spectrum is non-negative, so the Jacobi updates of
-    overlapping groups converge; ``support`` is the plain sum over the same frames, removed
-    from the reference so that no frame is correlated with itself.
+    overlapping windows converge; ``support`` is the plain sum over the same frames, removed
+    from the reference so that no frame is correlated with itself. Truncated at the ends.
     """
-    if group <= 1:
-        return a, a
     w = (int(group) + 1) // 2
-    weighted = _box_sum(_box_sum(a, w - 1, 0, xp), 0, w - 1, xp)
-    support = _box_sum(a, w - 1, w - 1, xp)
-    return weighted, support
+    t = np.arange(n)
+    lag = t[None, :] - t[:, None]  # frame - unit
+    box = lambda lo, hi: ((lag >= -lo) & (lag <= hi)).astype(float)  # noqa: E731
+    weighted = box(w - 1, 0) @ box(0, w - 1)
+    return weighted, box(w - 1, w - 1)
 
 
 def _coarse_peak(cross, grid: _Grid, xp, radius=None):
@@ -373,52 +425,66 @@ def _coarse_peak(cross, grid: _Grid, xp, radius=None):
     default and upper limit ``max_shift``).
     """
     lead = cross.shape[:-2]
-    cc = _fft(xp).irfft2(cross.reshape((-1,) + cross.shape[-2:]), s=(grid.my, grid.mx))
+    cy, cx = grid.my, grid.mx
+    cc = _fft(xp).irfft2(cross.reshape((-1,) + cross.shape[-2:]), s=(cy, cx), axes=(-2, -1))
     nb = cc.shape[0]
     lim = np.full(lead, grid.max_shift) if radius is None else np.minimum(radius, grid.max_shift)
     lim = xp.asarray(np.broadcast_to(lim, lead).reshape(nb, 1, 1), dtype=xp.float32)
     inside = (grid.dist_y[None] <= lim) & (grid.dist_x[None] <= lim)
     masked = xp.where(inside, cc, -xp.inf)
     idx = xp.argmax(masked.reshape(nb, -1), axis=1)
-    py, px = idx // grid.mx, idx % grid.mx
+    py, px = idx // cx, idx % cx
     b = xp.arange(nb)
     c0 = cc[b, py, px]
-    ym, yp = cc[b, (py - 1) % grid.my, px], cc[b, (py + 1) % grid.my, px]
-    xm, xpl = cc[b, py, (px - 1) % grid.mx], cc[b, py, (px + 1) % grid.mx]
+    ym, yp = cc[b, (py - 1) % cy, px], cc[b, (py + 1) % cy, px]
+    xm, xpl = cc[b, py, (px - 1) % cx], cc[b, py, (px + 1) % cx]
 
     def vertex(m, c, p):
         den = m + p - 2.0 * c
         off = xp.where(den < 0, 0.5 * (m - p) / xp.where(den < 0, den, -1.0), 0.0)
         return xp.clip(off, -0.5, 0.5)
 
-    sy = xp.where(py > grid.my // 2, py - grid.my, py) + vertex(ym, c0, yp)
-    sx = xp.where(px > grid.mx // 2, px - grid.mx, px) + vertex(xm, c0, xpl)
+    sy = xp.where(py > cy // 2, py - cy, py) + vertex(ym, c0, yp)
+    sx = xp.where(px > cx // 2, px - cx, px) + vertex(xm, c0, xpl)
     scy, scx = grid.scale
     out = xp.stack([sx * scx, sy * scy], axis=-1)
     return backend.to_host(out).astype(np.float64).reshape(lead + (2,))
 
 
-def _newton_step(cross, grid: _Grid, xp, max_step: float):
-    """Newton step to the maximum of the continuous CC from its gradient/Hessian at 0 -> [..., 2] px."""
-    pr = cross.real * grid.hw
-    pi = cross.imag * grid.hw
-    kx, ky = grid.kx, grid.ky
-    gx = -_TWO_PI * (pi.sum(axis=-2) @ kx)
-    gy = -_TWO_PI * (pi.sum(axis=-1) @ ky)
-    c = -(_TWO_PI**2)
-    hxx = c * (pr.sum(axis=-2) @ (kx * kx))
-    hyy = c * (pr.sum(axis=-1) @ (ky * ky))
-    hxy = c * ((pr @ kx) @ ky)
-    g = backend.to_host(xp.stack([gx, gy, hxx, hyy, hxy], axis=-1)).astype(np.float64)
-    gx, gy, hxx, hyy, hxy = np.moveaxis(g, -1, 0)
+def _cc_derivatives(cross, grid: _Grid, xp):
+    """Gradient and Hessian at zero shift of the continuous cross-correlation of each cross spectrum.
+
+    For ``cross`` [..., my, mkx] (one half of a Hermitian spectrum, multiplicities ``hw``):
+    ``g = -2π Σ k Im P``, ``H = -4π² Σ k kᵀ Re P``. Returns host float64 [..., 5]:
+    (gx, gy, hxx, hyy, hxy).
+    """
+    sh = cross.shape
+    m_cols, m_x, m_y = grid.moments
+    u = cross.sum(axis=-2)  # [..., mkx]
+    vz = xp.matmul(cross.reshape(-1, sh[-1]), m_cols).reshape(sh[:-1] + (2,))  # Σ_x hw P, Σ_x hw kx P
+    tx = xp.matmul(u, m_x)  # Σ hw kx P, Σ hw kx² P
+    ty = xp.matmul(xp.moveaxis(vz, -1, -2), m_y)  # [..., 2 (hw, hw kx), 2 (ky, ky²)]
+    t = xp.stack([tx[..., 0].imag, ty[..., 0, 0].imag, tx[..., 1].real, ty[..., 0, 1].real, ty[..., 1, 0].real],
+                 axis=-1)
+    t = backend.to_host(t).astype(np.float64)
+    return t * np.array([-_TWO_PI, -_TWO_PI, -_TWO_PI**2, -_TWO_PI**2, -_TWO_PI**2])
+
+
+def _newton_from(d, max_step: float):
+    """Newton step [..., 2] px to the CC maximum from (gx, gy, hxx, hyy, hxy) [..., 5].
+
+    No step where the Hessian is not negative definite; steps longer than ``max_step`` are
+    shortened to it.
+    """
+    gx, gy, hxx, hyy, hxy = np.moveaxis(d, -1, 0)
     det = hxx * hyy - hxy * hxy
     ok = (hxx < 0) & (det > 0)
     safe = np.where(ok, det, 1.0)
     dx = np.where(ok, -(hyy * gx - hxy * gy) / safe, 0.0)
     dy = np.where(ok, -(-hxy * gx + hxx * gy) / safe, 0.0)
-    d = np.stack([dx, dy], axis=-1)
-    norm = np.linalg.norm(d, axis=-1, keepdims=True)
-    return np.where(norm > max_step, d * (max_step / np.maximum(norm, 1e-30)), d)
+    step = np.stack([dx, dy], axis=-1)
+    norm = np.linalg.norm(step, axis=-1, keepdims=True)
+    return np.where(norm > max_step, step * (max_step / np.maximum(norm, 1e-30)), step)
 
 
 def _despike(d, min_jump: float):
@@ -454,112 +520,147 @@ def _group_bounds(n: int, group: int):
     return [(int(a), int(b)) for a, b in zip(edges[:-1], edges[1:])]
 
 
-def _align_spectra(spec, grid: _Grid, init, *, group=1, max_iter=20, tol=0.01, coarse_group=None, xp=None):
+def _align_spectra(spec, grid: _Grid, init, *, group=1, max_iter=20, tol=0.01, coarse_group=None, refine=True,
+                   xp=None):
     """Iterative alignment of frame spectra against the sum of the other frames.
 
-    spec : [..., n, my, mkx] cropped spectra (batch of independent stacks in the leading axes)
+    spec : [..., n, my, mkx] spectra on ``grid`` (a batch of independent stacks in the leading
+    axes); used as work space (multiplied in place by the B-factor filter).
     init : [..., n, 2] initial shifts (px); their mean over frames is kept (gauge).
 
-    The coarse iterations (2 to 5, until the shifts change by less than half a CC-map
-    pixel) use running sums of ``coarse_group`` frames (default: ~n/4, 1-5) for robustness
-    at low dose; the first searches the whole window (``max_shift``) and replaces
-    single-frame outliers by their neighbours' median, the next ones search near the
-    current shifts (a few px, more for frames still moving). Then, frame by frame (or
-    group by group), Newton steps on the continuous CC, kept within 1.5 CC-map pixels of
-    the coarse result, until no shift changes by more than ``tol``. With ``group > 1`` the frames are split into
-    contiguous groups of about ``group`` frames; each group sum is aligned against the sum
-    of the other groups and moves as a whole (on top of ``init``), and at the end the group
-    corrections are interpolated linearly between group centres.
+    The coarse iterations (2 to 5, until the shifts change by less than half a CC-map pixel)
+    use running sums of ``coarse_group`` frames (default: ~n/4, 1-5) for robustness at low
+    dose; the first searches the whole window (``max_shift``) and replaces single-frame
+    outliers by their neighbours' median, the next ones search near the current shifts (a
+    few px, more for frames still moving). Then, frame by frame (or group by group), Newton
+    steps on the continuous CC, kept within 1.5 CC-map pixels of the coarse result, until no
+    shift of a stack changes by more than ``tol`` (stacks that have converged are left
+    alone). With ``group > 1`` the frames are split into contiguous groups of about
+    ``group`` frames; each group sum is aligned against the sum of the other groups and
+    moves as a whole (on top of ``init``), and at the end the group corrections are
+    interpolated linearly between group centres.
+
+    Each unit's cross spectrum is ``(U A) conj(V A)`` with ``A`` the shifted spectra and
+    ``U``, ``V`` [units, n] the unit's frames and its reference's; for single frames
+    ``A_f conj(T - A_f) = A_f conj(T) - |A_f|²`` with ``T`` the sum of all frames, whose
+    second term is real and does not depend on the shifts (its Hessian is computed once).
 
     Returns shifts [..., n, 2] (content displacement; mean over frames as in ``init``), the
-    number of iterations and whether the last step was < tol.
+    number of iterations and whether every stack converged.
     """
     xp = xp or backend.array_module(spec)
+    lead = spec.shape[:-3]
     n = spec.shape[-3]
+    nb = int(np.prod(lead, dtype=np.int64))
+    spec = spec.reshape((nb,) + spec.shape[-3:])
+    init = np.array(np.broadcast_to(init, lead + (n, 2)), dtype=np.float64).reshape(nb, n, 2)
     if coarse_group is None:
         coarse_group = min(5, max(1, n // 4))
     coarse_group = max(int(group), int(coarse_group))
-    init = np.array(init, dtype=np.float64)
     bounds = _group_bounds(n, group)
     ng = len(bounds)
     member = np.zeros((ng, n))
     for j, (a, b) in enumerate(bounds):
         member[j, a:b] = 1.0
     size = member.sum(axis=1)
-    c = np.zeros(init.shape[:-2] + (ng, 2))  # group corrections on top of init
-    max_step = 0.75 * max(grid.scale)
-    base = max(3.0 * max(grid.scale), 4.0)  # smallest search radius of the later coarse iterations
-    cap = 1.5 * max(grid.scale)  # largest total Newton refinement of a coarse shift
+    c = np.zeros((nb, ng, 2))  # group corrections on top of init
+    spec *= grid.filt  # both sides of every cross spectrum carry exp(-B k²/4)
+    scale = max(grid.scale)
+    max_step = 0.75 * scale
+    base = max(3.0 * scale, 4.0)  # smallest search radius of the later coarse iterations
+    cap = 1.5 * scale  # largest total Newton refinement of a coarse shift
     t = np.arange(n)
     hw = (coarse_group + 1) // 2 - 1
     window = np.minimum(t + hw, n - 1) - np.maximum(t - hw, 0) + 1  # frames in each coarse window
+    ones = np.ones((n, n))
+    if coarse_group > 1:
+        weighted, support = _window_matrices(n, coarse_group)
+        coarse_mats, m_coarse = (weighted, ones - support), window
+    elif ng == n:
+        coarse_mats, m_coarse = (np.eye(n), ones - np.eye(n)), np.ones(n)
+    else:
+        coarse_mats, m_coarse = (member, 1.0 - member), size
+    self_terms = None
     radius = None  # per frame; None: the whole max_shift
     coarse, n_coarse, c_coarse = True, 0, None
-    converged, it = False, 0
+    active = np.ones(nb, dtype=bool)  # stacks still being refined
+    it = 0
     for it in range(1, max_iter + 1):
-        s = init + np.einsum("gt,...gk->...tk", member, c)
-        al = _shifted(spec, grid.ky, grid.kx, s, xp)
-        tot = al.sum(axis=-3, keepdims=True)
-        if coarse and coarse_group > 1:
-            grp, sup = _window_sums(al, coarse_group, xp)
-            m = window
-        elif ng == n:
-            grp = sup = al
-            m = np.ones(n)
-        else:
-            grp = sup = xp.stack([al[..., a:b, :, :].sum(axis=-3) for a, b in bounds], axis=-3)
-            m = size
-        cross = grp * xp.conj(tot - sup) * grid.weight
-        del al, tot, grp, sup
+        idx = np.flatnonzero(active)
+        sub = spec if idx.size == nb else spec[xp.asarray(idx)]
+        s = init[idx] + np.einsum("gt,bgk->btk", member, c[idx])
+        al = _shifted(sub, grid.ky, grid.kx, s, xp)
+        del sub
         jumped = 0.0
-        if coarse:  # per frame (single frames or windows)
+        if coarse:
+            cross = _mix(coarse_mats[0], al, xp)
+            cross *= xp.conj(_mix(coarse_mats[1], al, xp))
+            del al
+            m = m_coarse
             d = _coarse_peak(cross, grid, xp, radius)
+            del cross
             if n_coarse == 0 and n >= 5:
                 # far outliers of the wide search: replaced by their neighbours' median
                 d, jumped = _despike(d, 3.0 * base)
         else:
-            d = _newton_step(cross, grid, xp, max_step)
-        del cross
+            if ng == n:
+                if self_terms is None:  # from -|A_f|², the same at every iteration
+                    self_terms = _cc_derivatives(-(spec * spec.conj()), grid, xp)
+                al *= xp.conj(al.sum(axis=-3, keepdims=True))
+                terms = _cc_derivatives(al, grid, xp) + self_terms[idx]
+                m = size
+            else:
+                cross = _mix(member, al, xp)
+                cross *= xp.conj(_mix(1.0 - member, al, xp))
+                terms = _cc_derivatives(cross, grid, xp)
+                del cross
+                m = size
+            del al
+            d = _newton_from(terms, max_step)
         # a unit (frame, group or window) of m frames measured against the other n - m frames
         # sees its error times n / (n - m) once the mean is held fixed: undo that overshoot
         # (else e.g. two frames swap sides forever)
         d = d * ((n - m) / n)[:, None]
         frame_step = np.max(np.abs(d), axis=-1)
         if d.shape[-2] != ng:  # per-frame measurements -> mean per group
-            d = np.einsum("gt,...tk->...gk", member, d) / size[:, None]
-        c_prev = c.copy()
-        c += d
-        c -= (np.einsum("g,...gk->...k", size, c) / n)[..., None, :]  # keep the mean over frames
+            d = np.einsum("gt,btk->bgk", member, d) / size[:, None]
+        c_prev = c[idx]
+        ci = c_prev + d
+        ci -= (np.einsum("g,bgk->bk", size, ci) / n)[:, None, :]  # keep the mean over frames
         if not coarse:
             # refinement stays within the coarse peak (a CC-map pixel and a half): at very low
             # signal the continuous CC of single frames has other maxima nearby
             if c_coarse is None:
-                c_coarse = c_prev
-            off = c - c_coarse
+                c_coarse = c.copy()
+            off = ci - c_coarse[idx]
             norm = np.linalg.norm(off, axis=-1, keepdims=True)
-            c = np.where(norm > cap, c_coarse + off * (cap / np.maximum(norm, 1e-30)), c)
-        step = float(np.max(np.abs(c - c_prev))) if c.size else 0.0
+            ci = np.where(norm > cap, c_coarse[idx] + off * (cap / np.maximum(norm, 1e-30)), ci)
+        c[idx] = ci
+        step = np.max(np.abs(ci - c_prev), axis=(-2, -1))  # per stack
         if coarse:
             n_coarse += 1
             # next search: near the current shift, wider for frames still moving (and for a
             # replaced outlier, 3/4 of the way back to it, so a real fast frame is found again)
             radius = np.maximum(base, np.maximum(1.5 * frame_step, 0.75 * jumped))
-            if (n_coarse >= 2 and step < 0.5 * max(grid.scale)) or n_coarse >= 5:
+            if (n_coarse >= 2 and float(step.max()) < 0.5 * scale) or n_coarse >= 5:
                 coarse = False
-        elif step < tol:
-            converged = True
-            break
+                if not refine:
+                    active[idx] = step >= 0.5 * scale
+                    break
+        else:
+            active[idx[step < tol]] = False
+            if not active.any():
+                break
+    converged = not active.any()
     if ng == n:
-        return init + c, it, converged
+        return (init + c).reshape(lead + (n, 2)), it, converged
     centres = np.array([(a + b - 1) / 2.0 for a, b in bounds])
     t = np.arange(n, dtype=float)
     j = np.clip(np.searchsorted(centres, t) - 1, 0, ng - 2)
     f = ((t - centres[j]) / (centres[j + 1] - centres[j]))[:, None]
     corr = c[..., j, :] * (1 - f) + c[..., j + 1, :] * f  # linear inter-/extrapolation
     corr -= corr.mean(axis=-2, keepdims=True) - (np.einsum("g,...gk->...k", size, c) / n)[..., None, :]
-    return init + corr, it, converged
-
-
+    return (init + corr).reshape(lead + (n, 2)), it, converged
 def _whittaker(shifts, lam: float):
     n = shifts.shape[0]
     d2 = np.diff(np.eye(n), 2, axis=0)
@@ -661,11 +762,45 @@ def align_frames(frames, pixel_size: float, bfactor: float = 150.0, max_iter: in
     _check_frames(frames)
     pixel_size = _check_pixel_size(pixel_size)
     xp = backend.array_module(frames)
+    ny, nx = frames.shape[1:]
+    size = (_band_size(ny, pixel_size, bfactor, binning), _band_size(nx, pixel_size, bfactor, binning))
+    _, binned = _prepare(frames, size, xp)
+    return _align_binned(binned, (ny, nx), pixel_size, bfactor, max_iter=max_iter, binning=binning, tol=tol,
+                         max_shift=max_shift, group=group, smooth=smooth, taper=taper, return_info=return_info)
+
+
+def _prepare(frames, size, xp, keep_spectra=False):
+    """(full rFFT spectra or None, frames binned to ``size``) — one FFT per frame for both.
+
+    The spectra ``[n, ny, nx // 2 + 1]`` complex64 are kept for the sums when
+    ``keep_spectra``; the binned frames ``[n, my, mx]`` float32 (Fourier-cropped, see
+    :func:`_binned_frames`) feed both alignments.
+    """
     n, ny, nx = frames.shape
+    my, mx = size
+    spectra = xp.empty((n, ny, nx // 2 + 1), dtype=xp.complex64) if keep_spectra else None
+    binned = xp.empty((n, my, mx), dtype=xp.float32)
+    step = 1 if xp is np else max(1, (1 << 26) // (ny * nx))  # one frame at a time on the CPU, batches on a GPU
+    for i in range(0, n, step):
+        spec = _fft(xp).rfft2(xp.asarray(frames[i:i + step], dtype=xp.float32), axes=(-2, -1))
+        binned[i:i + step] = _binned_frames(spec, (ny, nx), (my, mx), xp)
+        if keep_spectra:
+            spectra[i:i + step] = spec
+    return spectra, binned
+
+
+def _align_binned(binned, shape, pixel_size, bfactor, *, max_iter=20, binning=1, tol=0.01, max_shift=None, group=1,
+                  smooth=0.0, taper=0.05, return_info=False):
+    """Whole-frame alignment of binned frames ``[n, by, bx]`` of frames of ``shape`` (ny, nx) px."""
+    xp = backend.array_module(binned)
+    n = binned.shape[0]
+    ny, nx = shape
+    my = min(binned.shape[1], _band_size(ny, pixel_size, bfactor, binning))
+    mx = min(binned.shape[2], _band_size(nx, pixel_size, bfactor, binning))
     if max_shift is None:
         max_shift = 0.25 * min(ny, nx)
-    grid = _make_grid(ny, nx, pixel_size, bfactor, binning, max_shift, xp)
-    spec = _cropped_spectra(frames, grid, taper, xp)
+    grid = _make_grid(my, mx, ny, nx, pixel_size, bfactor, max_shift, xp)
+    spec = _tapered_spectra(binned, taper, xp, size=(my, mx))
     s, iters, converged = _align_spectra(spec[None], grid, np.zeros((1, n, 2)), group=group,
                                          max_iter=max_iter, tol=tol, xp=xp)
     s = s[0]
@@ -962,20 +1097,45 @@ def local_alignment(frames, global_shifts, patches=(5, 5), *, pixel_size: float 
     _check_frames(frames)
     pixel_size = _check_pixel_size(pixel_size)
     xp = backend.array_module(frames)
-    n, ny, nx = frames.shape
+    ny, nx = frames.shape[1:]
+    size = tuple(_band_size(m, pixel_size, bfactor, binning, PATCH_BAND) for m in (ny, nx))
+    _, binned = _prepare(frames, size, xp)
+    return _local_binned(binned, (ny, nx), global_shifts, patches, pixel_size=pixel_size, bfactor=bfactor,
+                         group=group, max_iter=max_iter, tol=tol, binning=binning, max_shift=max_shift, taper=taper,
+                         outlier_sigma=outlier_sigma)
+
+
+def _local_binned(binned, shape, global_shifts, patches, *, pixel_size, bfactor, group=1, max_iter=20, tol=0.01,
+                  binning=1, max_shift=None, taper=0.1, outlier_sigma=3.0) -> LocalModel:
+    """:func:`local_alignment` on binned frames ``[n, my, mx]`` of frames of ``shape`` (ny, nx) px.
+
+    Patches are cut from the binned frames (sample ``i`` lies at ``i * ny / my`` px of the
+    frame); shifts, patch centres and the model are in px of the frame.
+    """
+    xp = backend.array_module(binned)
+    n, my, mx = binned.shape
+    ny, nx = shape
+    by, bx = ny / my, nx / mx  # px of the frame per binned sample
     g = np.asarray(global_shifts, dtype=np.float64).reshape(n, 2)
-    origins, (ph, pw), centres = _patch_layout(ny, nx, patches)
+    origins, (ph, pw), centres = _patch_layout(my, mx, patches)
+    centres = centres * np.array([bx, by])
     npatch = len(origins)
-    if min(ph, pw) < 32:
+    ly, lx = ph * by, pw * bx  # patch size, px of the frame
+    if min(ly, lx) < 32 or min(ph, pw) < 8:
         z = np.zeros((n, npatch, 2))
+        why = (f"patches of {lx:.0f}x{ly:.0f} px are too small (32 px minimum)" if min(ly, lx) < 32 else
+               f"patches hold only {pw}x{ph} samples of the alignment band (8 minimum)")
         return LocalModel(np.zeros((2, N_COEFFS)), (ny, nx), n, centres, z, np.zeros((n, npatch), bool),
-                          valid=False, significant=False, patch_size=(ph, pw), group=int(group),
-                          reason=f"patches of {pw}x{ph} px are too small (32 px minimum); use fewer patches")
+                          valid=False, significant=False, patch_size=(int(round(ly)), int(round(lx))),
+                          group=int(group), reason=f"{why}; use fewer patches")
     if max_shift is None:
         max_shift = max(4.0, 10.0 / pixel_size)
-    grid = _make_grid(ph, pw, pixel_size, bfactor, binning, max_shift, xp)
-    off = np.rint(g)  # integer part of the whole-frame shift, applied when cutting patches
-    frac = g - off
+    psize = (min(ph, _band_size(int(round(ly)), pixel_size, bfactor, binning, PATCH_BAND)),
+             min(pw, _band_size(int(round(lx)), pixel_size, bfactor, binning, PATCH_BAND)))
+    grid = _make_grid(psize[0], psize[1], ly, lx, pixel_size, bfactor, max_shift, xp)
+    unit = np.array([bx, by])
+    off = np.rint(g / unit)  # whole-frame shift in binned samples: integer part applied when cutting patches
+    frac = g - off * unit  # the rest (px), the starting point of the patch alignment
     # patches are independent: align them in batches that bound the memory (~64 MB of spectra)
     batch = max(1, min(npatch, (1 << 23) // max(1, n * grid.my * (grid.mx // 2 + 1))))
     s = np.empty((npatch, n, 2))
@@ -983,18 +1143,19 @@ def local_alignment(frames, global_shifts, patches=(5, 5), *, pixel_size: float 
     for i in range(0, npatch, batch):
         o = origins[i:i + batch]
         offs = np.broadcast_to(off, (len(o), n, 2)).astype(np.int64)
-        tiles = _gather_tiles(frames, o[:, 0], o[:, 1], offs, (ph, pw), xp)
-        spec = _cropped_spectra(tiles.reshape((-1, ph, pw)), grid, taper, xp)
+        tiles = _gather_tiles(binned, o[:, 0], o[:, 1], offs, (ph, pw), xp)
+        spec = _tapered_spectra(tiles, taper, xp, size=psize)
         del tiles
-        spec = spec.reshape((len(o), n) + spec.shape[-2:])
         init = np.broadcast_to(frac, (len(o), n, 2))
-        s[i:i + batch], it, _ = _align_spectra(spec, grid, init, group=group, max_iter=max_iter, tol=tol, xp=xp)
+        s[i:i + batch], it, _ = _align_spectra(spec, grid, init, group=group, max_iter=max_iter, tol=tol,
+                                               refine=False, xp=xp)
         iters = max(iters, it)
         del spec
+    off = off * unit
     total = s + off[None]  # [P, n, 2] content displacement in frame coordinates
     r = np.transpose(total - g[None], (1, 0, 2))  # [n, P, 2] residual on top of the whole-frame shifts
     model = LocalModel(np.zeros((2, N_COEFFS)), (ny, nx), n, centres, r, np.ones((n, npatch), bool),
-                       patch_size=(ph, pw), group=int(group))
+                       patch_size=(int(round(ly)), int(round(lx))), group=int(group))
     n_obs_min = N_COEFFS + npatch + 2
     if n * npatch < n_obs_min or n < 4:
         model.valid, model.significant = False, False
@@ -1040,8 +1201,9 @@ def local_alignment(frames, global_shifts, patches=(5, 5), *, pixel_size: float 
         model.significant = False
         model.reason = (f"local motion ({amp:.3f} px rms) is not significant: it does not predict held-out "
                         f"patches better than no local model")
-    log.info("local alignment: %dx%d patches of %dx%d px, %d iterations, fit rms %.3f px, model %.3f px rms, "
-             "%d/%d measurements kept%s", int(patches[0]), int(patches[1]), pw, ph, iters, rms, amp, n_inl,
+    log.info("local alignment: %dx%d patches of %.0fx%.0f px (%dx%d samples), %d iterations, fit rms %.3f px, "
+             "model %.3f px rms, %d/%d measurements kept%s", int(patches[0]), int(patches[1]), lx, ly, grid.mx,
+             grid.my, iters, rms, amp, n_inl,
              n * npatch, f" ({model.reason})" if model.reason else "")
     return model
 
@@ -1060,22 +1222,33 @@ class Sums:
     tile_spacing: int | None = None
 
 
-def _sum_global(frames, shifts, dose, xp, want_plain=True):
+def _sum_global(frames, shifts, dose, xp, want_plain=True, spectra=None):
+    """Fourier-shifted sums, plain and dose-weighted (``dose``: a :class:`_DoseFilter` or None).
+
+    Uses the frames' rFFT ``spectra`` when given (else transforms each frame). The weighted
+    sum ``sum_f w_f S_f`` with ``w_f = post * step^(f+1)`` is accumulated by Horner's rule,
+    last frame first: ``acc = (acc + S_f) * step``.
+    """
     n, ny, nx = frames.shape
     ky = xp.fft.fftfreq(ny)
     kx = xp.fft.rfftfreq(nx)
     acc = xp.zeros((ny, nx // 2 + 1), dtype=xp.complex64) if want_plain else None
     acc_dw = xp.zeros((ny, nx // 2 + 1), dtype=xp.complex64) if dose is not None else None
-    for f in range(n):
-        spec = _fft(xp).rfft2(xp.asarray(frames[f], dtype=xp.float32))
-        spec = _shifted(spec, ky, kx, shifts[f], xp, out=spec)
+    step = dose.step if dose is not None else None
+    tmp = xp.empty((ny, nx // 2 + 1), dtype=xp.complex64)
+    for f in range(n - 1, -1, -1):
+        spec = spectra[f] if spectra is not None else _fft(xp).rfft2(xp.asarray(frames[f], dtype=xp.float32))
+        spec = _shifted(spec, ky, kx, shifts[f], xp, out=tmp)
         if acc is not None:
             acc += spec
         if acc_dw is not None:
-            acc_dw += spec * dose(f)
+            acc_dw += spec
+            acc_dw *= step
     plain = _fft(xp).irfft2(acc, s=(ny, nx)).astype(xp.float32) if acc is not None else None
-    dw = _fft(xp).irfft2(acc_dw, s=(ny, nx)).astype(xp.float32) if acc_dw is not None else None
-    return plain, dw
+    if acc_dw is not None:
+        acc_dw *= dose.post
+        acc_dw = _fft(xp).irfft2(acc_dw, s=(ny, nx)).astype(xp.float32)
+    return plain, acc_dw
 
 
 def _ramp_weights(length, lo_ramp, hi_ramp, ramp):
@@ -1180,6 +1353,13 @@ def apply_shifts_and_sum(frames, shifts, local_model: LocalModel | None = None, 
     moves away from is filled from the opposite edge). With a local model the tiles repeat
     the edge pixels instead.
     """
+    return _sums(frames, shifts, local_model, pixel_size=pixel_size, dose_per_frame=dose_per_frame, voltage=voltage,
+                 pre_exposure=pre_exposure, want_plain=want_plain, tile_spacing=tile_spacing)
+
+
+def _sums(frames, shifts, local_model, *, pixel_size, dose_per_frame, voltage, pre_exposure, want_plain,
+          tile_spacing, spectra=None) -> Sums:
+    """:func:`apply_shifts_and_sum`, reusing the frames' rFFT ``spectra`` when given."""
     xp = backend.array_module(frames)
     n = frames.shape[0]
     shifts = np.asarray(shifts, dtype=np.float64).reshape(n, 2)
@@ -1189,7 +1369,7 @@ def apply_shifts_and_sum(frames, shifts, local_model: LocalModel | None = None, 
         dose_args = (ps, float(dose_per_frame), n, float(voltage), float(pre_exposure))
     if local_model is None:
         dose = _DoseFilter(frames.shape[1:], *dose_args, xp=xp) if dose_args else None
-        plain, dw = _sum_global(frames, shifts, dose, xp, want_plain)
+        plain, dw = _sum_global(frames, shifts, dose, xp, want_plain, spectra=spectra)
         return Sums(plain, dw, None)
     plain, dw, spacing = _sum_local(frames, shifts, local_model, dose_args, xp, tile_spacing, want_plain)
     return Sums(plain, dw, spacing)
@@ -1303,27 +1483,35 @@ def correct_motion(frames, pixel_size: float, dose_per_frame: float, voltage: fl
     if dose_per_frame is None or not (float(dose_per_frame) >= 0 and math.isfinite(float(dose_per_frame))):
         raise InputError("dose_per_frame", f"dose per frame must be >= 0 e/Å², got {dose_per_frame!r}",
                          "pass the exposure per frame in e/Å²")
-    n = frames.shape[0]
-    t0 = time.perf_counter()
-    shifts, ginfo = align_frames(frames, pixel_size, bfactor, max_iter, binning, tol=tol, max_shift=max_shift,
-                                 group=group, smooth=smooth, return_info=True)
-    t1 = time.perf_counter()
-    model = None
+    xp = backend.array_module(frames)
+    n, ny, nx = frames.shape
     use_patches = patches is not None and not isinstance(patches, (int, float)) and len(patches) == 2 \
         and min(int(patches[0]), int(patches[1])) >= 2
+    pb = bfactor if patch_bfactor is None else patch_bfactor
+    bands = [(bfactor, ALIGN_BAND)] + ([(pb, PATCH_BAND)] if use_patches else [])
+    size = tuple(max(_band_size(m, pixel_size, b, binning, band) for b, band in bands) for m in (ny, nx))
+    t0 = time.perf_counter()
+    # one FFT per frame: its spectrum is kept for the sums, its Fourier crop feeds both alignments
+    spectra, binned = _prepare(frames, size, xp, keep_spectra=True)
+    t1 = time.perf_counter()
+    shifts, ginfo = _align_binned(binned, (ny, nx), pixel_size, bfactor, max_iter=max_iter, binning=binning, tol=tol,
+                                  max_shift=max_shift, group=group, smooth=smooth, return_info=True)
+    t2 = time.perf_counter()
+    model = None
     if use_patches:
         pg = patch_group if patch_group is not None else auto_patch_group(dose_per_frame, pixel_size, n)
-        model = local_alignment(frames, shifts, patches, pixel_size=pixel_size,
-                                bfactor=bfactor if patch_bfactor is None else patch_bfactor, group=pg,
-                                max_iter=max_iter, tol=tol, binning=binning)
-    t2 = time.perf_counter()
-    do_dw = dose_weighting and dose_per_frame and dose_per_frame > 0
-    sums = apply_shifts_and_sum(frames, shifts, model if (model is not None and model.use) else None,
-                                pixel_size=pixel_size, dose_per_frame=dose_per_frame if do_dw else None,
-                                voltage=voltage, pre_exposure=pre_exposure, tile_spacing=tile_spacing)
+        model = _local_binned(binned, (ny, nx), shifts, patches, pixel_size=pixel_size, bfactor=pb, group=pg,
+                              max_iter=max_iter, tol=tol, binning=binning)
+    del binned
     t3 = time.perf_counter()
+    do_dw = dose_weighting and dose_per_frame and dose_per_frame > 0
+    sums = _sums(frames, shifts, model if (model is not None and model.use) else None, pixel_size=pixel_size,
+                 dose_per_frame=dose_per_frame if do_dw else None, voltage=voltage, pre_exposure=pre_exposure,
+                 want_plain=True, tile_spacing=tile_spacing, spectra=spectra)
+    del spectra
+    t4 = time.perf_counter()
     info = dict(ginfo)
-    info.update(time_global=t1 - t0, time_local=t2 - t1, time_sum=t3 - t2, time_total=t3 - t0,
+    info.update(time_fft=t1 - t0, time_global=t2 - t1, time_local=t3 - t2, time_sum=t4 - t3, time_total=t4 - t0,
                 tile_spacing=sums.tile_spacing)
     dw = sums.dose_weighted if sums.dose_weighted is not None else sums.sum
     return MotionResult(dw, sums.sum, shifts, model, pixel_size, float(dose_per_frame or 0.0), float(voltage),
