@@ -22,6 +22,7 @@ include: "workflow/rules/simulate.smk"
 include: "workflow/rules/spa_import.smk"
 include: "workflow/rules/spa_preprocess.smk"
 include: "workflow/rules/spa_classify.smk"
+include: "workflow/rules/spa_reconstruct.smk"
 include: "workflow/rules/spi_import.smk"
 include: "workflow/rules/spi_preprocess.smk"
 include: "workflow/rules/spi_classify.smk"
@@ -52,4 +53,5 @@ rule spi:
 
 
 onsuccess:
+    report_results()
     report_pauses()

@@ -25,17 +25,17 @@ TINY_SNAKEFILE = REPO / "tests" / "slurm" / "Snakefile"
 
 # rules of the Conveyor workflows and the ones that may use a GPU
 RULES = [
-    "spa_validate_movie", "spa_movies_star", "spa_motion", "spa_ctf", "spa_pick",
+    "spa_preprocess_movie", "spa_validate_movie", "spa_movies_star", "spa_motion", "spa_ctf", "spa_pick",
     "spa_extract", "spa_merge", "spa_class2d", "spa_select", "spa_reextract",
-    "spa_initial_model", "spa_refine3d", "spa_postprocess",
+    "spa_reextract_merge", "spa_initial_model", "spa_refine3d", "spa_postprocess",
     "spi_import_cxidb", "spi_validate_shots", "spi_shots_table", "spi_hits",
     "spi_center", "spi_size", "spi_filter", "spi_merge", "spi_class2d", "spi_select",
     "spi_emc", "spi_correct", "spi_phasing",
     "simulate_spa", "simulate_spi",
 ]
-GPU_RULES = {"spa_motion", "spa_ctf", "spa_class2d", "spa_initial_model", "spa_refine3d",
+GPU_RULES = {"spa_preprocess_movie", "spa_motion", "spa_ctf", "spa_class2d", "spa_initial_model", "spa_refine3d",
              "spi_class2d", "spi_emc", "spi_phasing"}
-PER_MOVIE_RULES = {"spa_validate_movie", "spa_motion", "spa_ctf", "spa_pick", "spa_extract"}
+PER_MOVIE_RULES = {"spa_preprocess_movie", "spa_validate_movie", "spa_motion", "spa_ctf", "spa_pick", "spa_extract"}
 # keys only the workflow profile may set, and keys it must leave to the site profiles
 WORKFLOW_PROFILE_KEYS = {"set-threads", "set-resources"}
 OUTPUT_ENTRIES = {".git", ".snakemake", ".venv", "results", "logs", "benchmarks",

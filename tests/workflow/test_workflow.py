@@ -60,6 +60,13 @@ def test_tiny_end_to_end(tiny_run):
     assert (res / "spa/class2d/round1/gallery.png").exists()
     selected = read_star(res / "spa/select/round1_particles.star")["particles"]
     assert 0 < len(selected) <= len(parts["particles"])
+    # round 2: the round-1 selection re-extracted at bin 2 (one job per micrograph), re-centred
+    again = read_star(res / "spa/reextract/round1_bin2.star")
+    assert float(again["optics"]["rlnImagePixelSize"][0]) == pytest.approx(6.0)
+    assert len(again["particles"]) == len(selected)
+    assert len(list((res / "spa/reextract/round1_bin2").glob("*.star"))) == 2
+    assert (res / "spa/class2d/round2/gallery.png").exists()
+    assert len(read_star(res / "spa/select/round2_particles.star")["particles"]) > 0
     assert (res / "spi/frames/summary.json").exists() and (res / "spi/size_histogram.png").exists()
     # SPI to the density: EMC intensity, corrected intensity, phased density with a resolution
     import mrcfile
@@ -70,6 +77,28 @@ def test_tiny_end_to_end(tiny_run):
     assert (res / "spi/emc/log.csv").exists() and (res / "spi/intensity/corrected.mrc").exists()
     # every job left its log
     assert list((tiny_run / "logs/tiny/spa_validate_movie").glob("*.log"))
+
+
+def test_3d_steps_follow_the_last_selection(repo, tiny_run, tmp_path):
+    """With spa.reconstruct on, the plan goes on from the round-2 selection: initial model,
+    gold-standard refinement (continuing an interrupted run), post-processing against the
+    simulator's map. (A dozen particles cannot make a map: a dry run checks the plan.)"""
+    cfg = yaml.safe_load((repo / "tests/configs/tiny.yaml").read_text())
+    cfg["spa"]["reconstruct"] = True
+    cfg["spa"]["refine3d"]["bin"] = 1
+    path = tmp_path / "tiny3d.yaml"
+    path.write_text(yaml.safe_dump(cfg, sort_keys=False))
+    out = run_snakemake(repo, tiny_run, path, "-n", "-p", "spa")
+    text = out.stdout
+    res = "results/tiny/spa"
+    for rule in ("spa_initial_model", "spa_reextract", "spa_reextract_merge", "spa_refine3d", "spa_postprocess"):
+        assert f"rule {rule}:" in text, rule
+    assert "spa_class2d" not in text.split("Job stats:")[1].split("Reasons")[0]  # nothing above is redone
+    assert f"spa initial-model --particles {res}/select/round2_particles.star" in text
+    assert f"--reextract --ctf {res}/ctf/" in text and "--bin 1" in text
+    assert f"spa refine3d --particles {res}/reextract/round2_bin1.star" in text and "--auto-continue" in text
+    assert "--symmetry D3" in text
+    assert "spa postprocess" in text and "--reference 'data/tiny/spa/truth/map.mrc'" in text
 
 
 def test_rerun_is_a_no_op(repo, tiny_run):

@@ -33,6 +33,7 @@ SIM = config["simulate"]
 wildcard_constraints:
     mic=r"[^/]+",
     bin=r"[124]",
+    round=r"[12]",
     run=r"[^/]+",
 
 
@@ -41,16 +42,17 @@ def container_for(tool):
     return config["containers"].get(tool)
 
 
-def conveyor_cmd(wildcards, resources):
-    """The conveyor CLI with the device for this job.
+def conveyor_cmd(wildcards, threads, resources):
+    """The conveyor CLI with the device and the CPU threads of this job.
 
     `device: auto` becomes gpu for jobs that were given a GPU (the gpgpu profile gives
     GPU rules `gpu: 1`) and cpu otherwise, so a CPU job never grabs a GPU it did not ask for.
+    `--threads` keeps the job's numeric libraries within the cores it was given.
     """
     device = config["device"]
     if device == "auto":
         device = "gpu" if int(resources.get("gpu", 0) or 0) > 0 else "cpu"
-    return f"conveyor --device {device}"
+    return f"conveyor --device {device} --threads {threads}"
 
 
 @functools.lru_cache(maxsize=None)
@@ -250,6 +252,27 @@ def spi_selected_targets(wildcards=None):
     return [f"{RESULTS}/spi/select/frames.csv", f"{RESULTS}/spi/phasing/density.mrc"]
 
 
+def report_results():
+    """One line per final result that exists (called on success)."""
+    import json as _json
+
+    lines = []
+    post = Path(f"{RESULTS}/spa/postprocess/postprocess.json")
+    if config.get("spa") and post.exists():
+        r = _json.loads(post.read_text())
+        line = f"SPA map: {RESULTS}/spa/postprocess/postprocess.mrc, {r['resolution_A']:.1f} Å (gold-standard FSC 0.143)"
+        if r.get("hand"):
+            h = r["hand"]
+            line += f"; against the reference: FSC 0.5 at {h['resolution_as_is' if h['hand'] == 'as is' else 'resolution_mirror']:.1f} Å, hand {h['hand']}"
+        lines.append(line)
+    res = Path(f"{RESULTS}/spi/phasing/resolution.json")
+    if config.get("spi") and res.exists():
+        r = _json.loads(res.read_text())
+        lines.append(f"SPI density: {RESULTS}/spi/phasing/density.mrc, {r['resolution_nm']:.1f} nm (PRTF 1/e)")
+    for line in lines:
+        print(line, file=sys.stderr)
+
+
 def report_pauses():
     """Tell the user which selection the run is waiting for (called on success)."""
     for pipeline, gallery, selection, command in PAUSED:
@@ -286,6 +309,22 @@ SPA_TOOLS = {
         "conveyor": ("spa extract", "conveyor"),
         "relion": ("tools relion-extract", "relion"),
     },
+    "class2d": {
+        "conveyor": ("spa class2d", "conveyor"),
+        "relion": ("tools relion-class2d", "relion"),
+    },
+    "initial_model": {
+        "conveyor": ("spa initial-model", "conveyor"),
+        "relion": ("tools relion-initial-model", "relion"),
+    },
+    "refine3d": {
+        "conveyor": ("spa refine3d", "conveyor"),
+        "relion": ("tools relion-refine3d", "relion"),
+    },
+    "postprocess": {
+        "conveyor": ("spa postprocess", "conveyor"),
+        "relion": ("tools relion-postprocess", "relion"),
+    },
 }
 # images that the adapters start themselves with `apptainer exec`
 SPA_TOOL_IMAGES = {"motioncor2": "motioncor2", "ctffind": "ctffind", "gautomatch": "ctffind"}
@@ -313,27 +352,134 @@ def spi_correct_opts():
     return f"--diameter-nm {diameter} --background {c['background']} --symmetry {config['spi']['emc']['symmetry']}"
 
 
-def spa_selection_file():
-    return f"{RESULTS}/spa/select/round1.yaml"
+# --- SPA classification rounds and 3D reconstruction ----------------------------------
+
+
+def spa_rounds():
+    """[(round, bin)] of the 2D classification rounds: round 1 on the first extraction, round 2
+    (optional) on the round-1 selection re-extracted at its own binning."""
+    rounds = [(1, spa_first_bin())]
+    r2 = config["spa"]["class2d"].get("round2")
+    if r2:
+        rounds.append((2, int(r2["bin"])))
+    return rounds
+
+
+def spa_round_bin(rnd):
+    return dict(spa_rounds())[int(rnd)]
+
+
+def spa_last_round():
+    return spa_rounds()[-1][0]
+
+
+def spa_class2d_input(wildcards):
+    rnd = int(wildcards.round)
+    if rnd == 1:
+        return f"{RESULTS}/spa/particles_bin{spa_first_bin()}.star"
+    return f"{RESULTS}/spa/reextract/round{rnd - 1}_bin{spa_round_bin(rnd)}.star"
+
+
+def spa_class2d_opts(wildcards):
+    c = config["spa"]["class2d"]
+    r = c if int(wildcards.round) == 1 else c["round2"]
+    return (
+        f"--classes {r['classes']} --iterations {r['iterations']} --seed {c['seed']}"
+        f" --particle-diameter {config['spa']['particle_diameter']} {c['extra']}"
+    )
+
+
+def spa_selection_file(rnd=1):
+    return f"{RESULTS}/spa/select/round{rnd}.yaml"
 
 
 def spa_manual_selection_input(wildcards):
-    return [spa_selection_file()] if config["spa"]["selection"] == "manual" else []
+    return [spa_selection_file(wildcards.round)] if config["spa"]["selection"] == "manual" else []
+
+
+def spa_selection_opts(wildcards, input):
+    if config["spa"]["selection"] == "manual":
+        return f"--selection '{input.selection}'"
+    return (
+        f"--out-yaml '{RESULTS}/spa/select/round{wildcards.round}_auto.yaml'"
+        f" --threshold {config['spa']['selection_threshold']}"
+    )
+
+
+def spa_refine_particles(wildcards=None):
+    """The particles refined: the last selection, re-extracted at spa.refine3d.bin unless
+    that is the binning they already have."""
+    last = spa_last_round()
+    bin_ = int(config["spa"]["refine3d"]["bin"])
+    if bin_ == spa_round_bin(last):
+        return f"{RESULTS}/spa/select/round{last}_particles.star"
+    return f"{RESULTS}/spa/reextract/round{last}_bin{bin_}.star"
+
+
+def spa_initial_model_opts(wildcards):
+    spa = config["spa"]
+    m = spa["initial_model"]
+    opts = (
+        f"--symmetry {spa['symmetry']} --particle-diameter {spa['particle_diameter']}"
+        f" --iterations {m['iterations']} --angular-step {m['angular_step']} --seed {m['seed']}"
+    )
+    if m.get("max_particles"):
+        opts += f" --max-particles {m['max_particles']}"
+    return f"{opts} {m['extra']}"
+
+
+def spa_refine3d_opts(wildcards):
+    spa = config["spa"]
+    r = spa["refine3d"]
+    return (
+        f"--symmetry {spa['symmetry']} --particle-diameter {spa['particle_diameter']}"
+        f" --iterations {r['iterations']} --initial-lowpass {r['initial_lowpass']}"
+        f" --angular-step {r['angular_step']} --seed {r['seed']} {r['extra']}"
+    )
+
+
+def spa_reference_map():
+    """A known map to validate the final map against: spa.postprocess.reference, or the
+    simulator's truth for simulated data."""
+    ref = config["spa"]["postprocess"].get("reference")
+    if ref:
+        return [ref]
+    if SIM.get("spa"):
+        return [f"{SIM['spa']['out']}/truth/map.mrc"]
+    return []
+
+
+def spa_postprocess_opts(wildcards, input):
+    spa = config["spa"]
+    opts = f"--bfactor {spa['postprocess']['bfactor']} --particle-diameter {spa['particle_diameter']}"
+    if input.get("reference"):
+        opts += f" --reference '{input.reference}'"
+    return f"{opts} {spa['postprocess']['extra']}"
+
+
+def spa_pause(rnd):
+    entry = (
+        f"SPA round {rnd}",
+        f"{RESULTS}/spa/class2d/round{rnd}/gallery.png",
+        spa_selection_file(rnd),
+        f"conveyor select spa --class-dir {RESULTS}/spa/class2d/round{rnd} --classes 1 4 7 --out {spa_selection_file(rnd)}",
+    )
+    if entry not in PAUSED:
+        PAUSED.append(entry)
 
 
 def spa_selected_targets(wildcards=None):
-    """The selected particles after round 1, or a recorded pause while a manual selection is missing."""
+    """After each 2D classification (a checkpoint): the selected particles, then the 3D
+    results; a manual selection that is still missing records a pause and stops there."""
     if not config.get("spa"):
         return []
-    checkpoints.spa_class2d.get()
-    if config["spa"]["selection"] == "manual" and not Path(spa_selection_file()).exists():
-        entry = (
-            "SPA",
-            f"{RESULTS}/spa/class2d/round1/gallery.png",
-            spa_selection_file(),
-            f"conveyor select spa --class-dir {RESULTS}/spa/class2d/round1 --classes 1 4 7 --out {spa_selection_file()}",
-        )
-        if entry not in PAUSED:
-            PAUSED.append(entry)
-        return []
-    return [f"{RESULTS}/spa/select/round1_particles.star"]
+    targets = []
+    for rnd, _ in spa_rounds():
+        checkpoints.spa_class2d.get(round=str(rnd))
+        if config["spa"]["selection"] == "manual" and not Path(spa_selection_file(rnd)).exists():
+            spa_pause(rnd)
+            return targets
+        targets.append(f"{RESULTS}/spa/select/round{rnd}_particles.star")
+    if config["spa"]["reconstruct"]:
+        targets += [f"{RESULTS}/spa/refine3d/map.mrc", f"{RESULTS}/spa/postprocess/postprocess.json"]
+    return targets

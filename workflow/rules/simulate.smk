@@ -7,7 +7,7 @@ checkpoint simulate_spa:
     log:
         f"{LOGS}/simulate_spa.log",
     params:
-        p=SIM.get("spa") or {},
+        p=dict(sorted((SIM.get("spa") or {}).items())),  # sorted: key order in the config never re-runs it
     threads: 1
     container:
         container_for("conveyor")
@@ -27,7 +27,7 @@ checkpoint simulate_spi:
     log:
         f"{LOGS}/simulate_spi.log",
     params:
-        p=SIM.get("spi") or {},
+        p=dict(sorted((SIM.get("spi") or {}).items())),
     threads: 1
     container:
         container_for("conveyor")
