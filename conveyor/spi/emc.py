@@ -85,7 +85,7 @@ MERGE_MIN_OCCUPANCY = 1e-6
 #: Tomogram floor relative to the model's mean, so a photon on a dark voxel is finite.
 LOG_FLOOR = 1e-6
 #: Target size (orientations × pixels) of one block of tomograms, CPU and GPU.
-BLOCK_ELEMENTS = {"cpu": 400_000, "gpu": 16_000_000}
+BLOCK_ELEMENTS = {"cpu": 64_000_000, "gpu": 256_000_000}
 #: Log-likelihood spread (nats) between a typical frame's best and an unrelated
 #: orientation that the automatic start ``β_0`` aims at.
 BETA_SPREAD = 10.0
@@ -486,81 +486,236 @@ class EMCResult:
     beta_start: float = 1.0
 
 
-def _block_size(npix: int, n_rot: int, block_size) -> int:
+def _block_bases(npix: int, k: int, n_bases: int, block_size) -> int:
+    """Cosets per block: ``block_size`` rotations, or about :data:`BLOCK_ELEMENTS` tomogram pixels."""
     if block_size:
-        return max(1, int(block_size))
+        return int(max(1, min(n_bases, int(block_size) // k)))
     budget = BLOCK_ELEMENTS["gpu" if backend.get_device() == "gpu" else "cpu"]
-    return int(max(1, min(n_rot, budget // max(npix, 1))))
+    return int(max(1, min(n_bases, budget // max(npix * k, 1))))
 
 
 def _as_list(x):
     return list(x) if isinstance(x, (list, tuple)) else [x]
 
 
-class _Interpolator:
-    """Trilinear expand/merge of one detector's pixels over blocks of rotations.
+def _sparse_module(xp):
+    if xp is np:
+        import scipy.sparse as sps
 
-    The rotated pixel positions never change between iterations, so when they fit in
-    ``cache_bytes`` every block's interpolation weights are kept as a sparse
-    ``[voxels, rotations × pixels]`` matrix (8 entries per column, 32 bytes per
-    rotation-pixel pair): expand is then one transposed sparse product and merge one
-    sparse product, ~10x faster on a CPU than recomputing the corners. Otherwise the
-    corners are recomputed block by block.
+        return sps
+    import cupyx.scipy.sparse as cps  # noqa: PLC0415
+
+    return cps
+
+
+def permuted_volume(vol, perm):
+    """``B(v) = vol(P v)`` for a signed permutation matrix ``P`` (exact: no interpolation).
+
+    ``vol`` is ``[z, y, x]`` with ``q = 0`` at ``size // 2`` (odd edge), ``P`` acts on
+    column vectors ``(x, y, z)`` about that centre. Returns a view (flips and a transpose).
+    """
+    xp = backend.array_module(vol)
+    p = np.rint(np.asarray(perm)).astype(int)
+    out, axes = vol, [0, 0, 0]
+    for a in range(3):  # array axis a holds vector component 2 - a
+        src = int(np.flatnonzero(p[2 - a])[0])  # (P v)_{2-a} = ±v_src
+        if p[2 - a, src] < 0:
+            out = xp.flip(out, axis=a)
+        axes[2 - src] = a
+    return xp.transpose(out, axes)
+
+
+@dataclass
+class _CosetSet:
+    """Rotations ``R_j G_g``: ``m`` base rotations times ``k`` signed permutations ``G_g``."""
+
+    rots: object  # [m, 3, 3] float32 base rotations R_j (device)
+    perms: np.ndarray  # [k, 3, 3] int signed permutation matrices G_g (identity first)
+    members: np.ndarray  # [m, k] index into the rotation grid of R_j G_g
+    offset: int  # first column of the set in coset order
+
+
+class _Cosets:
+    """The rotation grid in coset order (:func:`conveyor.spi.quaternions.coset_decomposition`).
+
+    Column ``offset + j k + g`` of the likelihood and probability arrays is rotation
+    ``R_j G_g``. A pixel in that orientation samples ``W(G_gᵀ R_jᵀ q)``, i.e. the model
+    with permuted axes ``W_g = W ∘ G_gᵀ`` (exact) at the position ``R_jᵀ q`` shared by the
+    ``k`` rotations of the coset: trilinear weights are computed once per coset, and one
+    sparse × dense product with the ``[voxels, k]`` stack of permuted models gives all
+    ``k`` tomograms. Rotations outside complete cosets form a set with ``k = 1``.
     """
 
-    def __init__(self, q, rots, size, xp, block, cache_bytes):
-        self.q, self.rots, self.size, self.xp = q, rots, int(size), xp
-        n_rot, npix = int(rots.shape[0]), int(q.shape[0])
-        self.blocks = [(r0, min(n_rot, r0 + block)) for r0 in range(0, n_rot, block)]
-        self.cache = {} if 32 * n_rot * npix <= cache_bytes else None
-        self.npix = npix
+    def __init__(self, quats, xp):
+        from .quaternions import coset_decomposition, cubic_group_quaternions
 
-    def _sparse_module(self):
-        if self.xp is np:
-            import scipy.sparse as sps
+        members, rest = coset_decomposition(quats)
+        self.sets = []
+        off = 0
+        if len(members):
+            perms = np.rint(quaternion_to_matrix(cubic_group_quaternions())).astype(int)
+            self.sets.append(_CosetSet(_rotations(quats[members[:, 0]], xp), perms, members, off))
+            off += members.size
+        if len(rest):
+            self.sets.append(_CosetSet(_rotations(quats[rest], xp), np.eye(3, dtype=int)[None], rest[:, None], off))
+        self.order = np.concatenate([s.members.ravel() for s in self.sets])  # column -> grid index
 
-            return sps
-        import cupyx.scipy.sparse as cps  # noqa: PLC0415
+    def stacks(self, model, xp):
+        """Per set, the permuted models ``[voxels, k]`` float32 (column g: ``W ∘ G_gᵀ``)."""
+        size = int(model.shape[0])
+        out = []
+        for s in self.sets:
+            k = s.perms.shape[0]
+            if k == 1:
+                out.append(model.reshape(-1, 1))
+                continue
+            st = xp.empty((size,) * 3 + (k,), dtype=xp.float32)
+            # W ∘ P = flip_D(W ∘ Π) with Π = |P| and D = Πᵀ P diagonal: one transposed copy
+            # per axis permutation, then plane by plane (in cache) flips into the stack
+            for perm, members in _classes([p.T for p in s.perms]):
+                src = xp.ascontiguousarray(permuted_volume(model, perm))
+                for z in range(size):
+                    for g, d in members:
+                        plane = src[size - 1 - z] if d[2] < 0 else src[z]
+                        st[z, :, :, g] = _flip_plane(plane, d)
+            out.append(st.reshape(-1, k))
+        return out
 
-        return cps
+    def unstack(self, accs, si, values, xp):
+        """``acc [size]³ += Σ_g (column g of value) ∘ G_g`` for every ``(acc, value)`` pair.
 
-    def _matrix(self, bi):
+        ``values`` are stacked merges ``[voxels, k]`` (e.g. numerator and denominator).
+        ``V ∘ G = (flip_D V) ∘ Π`` with ``Π = |G|`` and ``D = G Πᵀ``: the flips are summed
+        plane by plane (in cache), then one transposed add per axis permutation.
+        """
+        size = accs[0].shape[0]
+        vs = [v.reshape((size,) * 3 + (v.shape[1],)) for v in values]
+        for perm, members in _classes(self.sets[si].perms, right=True):
+            tmp = xp.zeros((len(accs),) + (size,) * 3, dtype=xp.float32)
+            for z in range(size):
+                for c, v in enumerate(vs):
+                    for g, d in members:
+                        plane = v[size - 1 - z] if d[2] < 0 else v[z]
+                        tmp[c, z] += _flip_plane(plane[:, :, g], d)
+            for c, acc in enumerate(accs):
+                acc += permuted_volume(tmp[c], perm)
+
+
+def _classes(perms, right: bool = False):
+    """Group signed permutations ``P`` by ``Π = |P|``: ``[(Π, [(index, sign vector d (x, y, z))])]``.
+
+    ``d`` is the diagonal of ``Πᵀ P`` (``P = Π D``), or of ``P Πᵀ`` with ``right`` (``P = D Π``).
+    """
+    out = {}
+    for g, p in enumerate(perms):
+        p = np.rint(np.asarray(p)).astype(int)
+        pi = np.abs(p)
+        d = np.diag(p @ pi.T) if right else np.diag(pi.T @ p)
+        out.setdefault(pi.tobytes(), (pi, []))[1].append((g, d))
+    return list(out.values())
+
+
+def _flip_plane(plane, d):
+    """A ``[y, x, ...]`` plane flipped along y and x where the sign vector ``d`` (x, y, z) is negative."""
+    return plane[:: int(d[1]), :: int(d[0])]
+
+
+class _Slicer:
+    """Trilinear expand and merge of one detector's pixels over blocks of cosets.
+
+    A block holds ``nb`` cosets of one set. Its trilinear weights form a sparse CSR
+    matrix ``M`` ``[pixels × nb, voxels]`` with 8 entries per row (the corners of
+    ``R_jᵀ q_t``), rows ordered pixel-major (``t nb + j``): expand is ``M @ stack``, which
+    gives the tomograms as ``[pixels, nb k]``, the layout the likelihood product
+    ``K @ log S`` takes, and merge is ``Mᵀ @ (Kᵀ P)`` with ``Kᵀ P`` ``[pixels, nb k]`` from
+    one matrix product, so nothing is transposed. The denominator of the merge uses the
+    coverage matrix ``[voxels, nb]`` (:meth:`coverage`), about a third the size of ``M``.
+    The rotated pixel positions never change between iterations: when every block fits
+    in ``cache_bytes`` (88 bytes per coset-pixel pair) ``M`` and the coverage are kept,
+    otherwise rebuilt every iteration.
+    """
+
+    def __init__(self, q, c, cosets, size, xp, block_size, cache_bytes):
+        self.q, self.c, self.size, self.xp, self.cosets = q, c, int(size), xp, cosets
+        self.npix = npix = int(q.shape[0])
+        self.blocks = []  # (set index, first coset, last coset + 1, first column, last column + 1)
+        n_pairs = 0
+        for si, s in enumerate(cosets.sets):
+            m, k = s.members.shape
+            nb = _block_bases(npix, k, m, block_size)
+            for j0 in range(0, m, nb):
+                j1 = min(m, j0 + nb)
+                self.blocks.append((si, j0, j1, s.offset + j0 * k, s.offset + j1 * k))
+            n_pairs += m * npix
+        # corners: 8 × (int32 + float32) per coset-pixel pair; coverage about a third of that
+        need = 88 * n_pairs
+        self.cache = {} if need <= cache_bytes else None
+        self.cov = {} if need <= cache_bytes else None
+        self.cache_bytes = need if self.cache is not None else 0
+        nb_max = max(j1 - j0 for _, j0, j1, _, _ in self.blocks)
+        itype = xp.int32 if 8 * nb_max * npix < 2**31 else xp.int64
+        self._indptr = xp.arange(0, 8 * nb_max * npix + 1, 8, dtype=itype)
+
+    def _corners(self, bi):
+        """Voxel indices (int32) and trilinear weights of block ``bi``, ``[pixels, nb, 8]``."""
         m = self.cache.get(bi) if self.cache is not None else None
         if m is None:
             xp = self.xp
-            r0, r1 = self.blocks[bi]
-            i8, w8 = _coords(self.q, self.rots[r0:r1], self.size, xp)
-            cols = xp.repeat(xp.arange((r1 - r0) * self.npix, dtype=xp.int32), 8)
-            sp = self._sparse_module()
-            m = sp.coo_matrix((w8.ravel(), (i8.ravel().astype(xp.int32), cols)), shape=(self.size**3, (r1 - r0) * self.npix)).tocsr()
-            self.cache[bi] = m
+            si, j0, j1, _, _ = self.blocks[bi]
+            rots = self.cosets.sets[si].rots
+            i8 = xp.empty((self.npix, j1 - j0, 8), dtype=xp.int32)
+            w8 = xp.empty((self.npix, j1 - j0, 8), dtype=xp.float32)
+            step = max(1, (1 << 22) // (8 * self.npix))  # bound the float64/int64 temporaries
+            for a in range(j0, j1, step):
+                b = min(j1, a + step)
+                ii, ww = _coords(self.q, rots[a:b], self.size, xp)
+                i8[:, a - j0 : b - j0] = ii.transpose(1, 0, 2)
+                w8[:, a - j0 : b - j0] = ww.transpose(1, 0, 2)
+                del ii, ww
+            m = (i8, w8)
+            if self.cache is not None:
+                self.cache[bi] = m
         return m
 
-    def gather(self, flat, bi):
-        """Model at the rotated pixels of block ``bi``: ``[b, npix]``."""
-        r0, r1 = self.blocks[bi]
+    def prepare(self):
+        """Compute and keep the matrices of every block (when they fit in the cache)."""
         if self.cache is not None:
-            return self.xp.asarray(self._matrix(bi).T @ flat).reshape(r1 - r0, self.npix)
-        i8, w8 = _coords(self.q, self.rots[r0:r1], self.size, self.xp)
-        return _gather(flat, i8, w8)
+            for bi in range(len(self.blocks)):
+                self.coverage(bi)
 
-    def scatter(self, accs, bi, values, rows=None):
-        """``acc += Σ f · v`` for every ``(acc, v)`` pair, block ``bi`` (``v`` ``[b, npix]``, or only ``rows``)."""
-        xp = self.xp
-        r0, r1 = self.blocks[bi]
-        if self.cache is not None:
-            m = self._matrix(bi)
-            for acc, v in zip(accs, values):
-                if rows is not None:
-                    full = xp.zeros((r1 - r0, self.npix), dtype=xp.float32)
-                    full[rows] = v
-                    v = full
-                acc += m @ v.astype(xp.float32, copy=False).ravel()
-            return
-        rots = self.rots[r0:r1] if rows is None else self.rots[r0:r1][rows]
-        i8, w8 = _coords(self.q, rots, self.size, xp)
-        for acc, v in zip(accs, values):
-            _scatter(acc, i8, w8, v, xp)
+    def matrix(self, bi, bases=None):
+        """CSR ``[pixels × nb, voxels]`` of block ``bi`` (or of its cosets ``bases`` only)."""
+        i8, w8 = self._corners(bi)
+        if bases is not None:
+            i8, w8 = i8[:, bases], w8[:, bases]
+        rows = i8.shape[0] * i8.shape[1]
+        return _sparse_module(self.xp).csr_matrix((w8.ravel(), i8.ravel(), self._indptr[: rows + 1]),
+                                                  shape=(rows, self.size**3))
+
+    def expand(self, stack, bi):
+        """Model at the pixels of every rotation of block ``bi``: ``[pixels, nb k]``, column ``j k + g``."""
+        out = self.xp.asarray(self.matrix(bi) @ stack)
+        return out.reshape(self.npix, -1)
+
+    def coverage(self, bi):
+        """CSR ``[voxels, nb]``: ``Σ_t c_t f_jt,v``, the efficiency-weighted trilinear weight
+        that the pixels of coset ``j`` put on voxel ``v``."""
+        cov = self.cov.get(bi) if self.cov is not None else None
+        if cov is None:
+            xp, sp = self.xp, _sparse_module(self.xp)
+            _, j0, j1, _, _ = self.blocks[bi]
+            nb = j1 - j0
+            rows = nb * self.npix
+            s = sp.csr_matrix((xp.repeat(self.c, nb), xp.tile(xp.arange(nb, dtype=xp.int32), self.npix),
+                               xp.arange(rows + 1, dtype=xp.int32)), shape=(rows, nb))
+            cov = (self.matrix(bi).T @ s).tocsr()
+            if self.cov is not None:
+                self.cov[bi] = cov
+        return cov
+
+    def merge(self, bi, values, bases=None):
+        """``Mᵀ @ values``: ``values [pixels × nb, c]`` splatted onto the stacked grid, ``[voxels, c]``."""
+        return self.xp.asarray(self.matrix(bi, bases).T @ values)
 
 
 def estimate_beta(frames, qvox, corr=None, spread: float = BETA_SPREAD) -> float:
@@ -776,50 +931,58 @@ def emc(
     best = xp.zeros(n_frames, dtype=xp.int64)
     maxp = xp.zeros(n_frames, dtype=xp.float32)
     ll_frame = xp.zeros(n_frames, dtype=xp.float64)
-    rots_all = _rotations(quats, xp)
-    nvox = size**3
     dev = "gpu" if backend.get_device() == "gpu" else "cpu"
     budget = (1024.0 if dev == "cpu" else 8192.0) if cache_mb is None else float(cache_mb)
     budget_left = budget * 2**20
-    interps = []
+    cosets = _Cosets(quats, xp)
+    order = xp.asarray(cosets.order)  # column (coset order) -> grid index
+    logw_c = logw[order]
+    slicers = []
     for g in groups:
-        it_ = _Interpolator(g.q, rots_all, size, xp, _block_size(g.q.shape[0], n_rot, block_size), budget_left)
-        if it_.cache is not None:
-            budget_left -= 32 * n_rot * g.q.shape[0]
-        interps.append(it_)
+        sl_ = _Slicer(g.q, g.c, cosets, size, xp, block_size, budget_left)
+        sl_.prepare()
+        budget_left -= sl_.cache_bytes
+        slicers.append(sl_)
+    log.info("EMC: %d rotations in %d cosets, %d blocks; set-up %.1f s", n_rot,
+             sum(s.members.shape[0] for s in cosets.sets), sum(len(s.blocks) for s in slicers), time.time() - t_all)
 
     for it in range(int(start_iteration) + 1, int(iterations) + 1):
         t0 = time.time()
         beta = beta_at(it, sched)
-        flat = model.ravel()
         floor = xp.float32(LOG_FLOOR * float(model.mean()) + 1e-30)
-        # -- expand + likelihood -------------------------------------------------------
+        stacks = cosets.stacks(model, xp)
+        # -- expand + likelihood (columns in coset order) ------------------------------
         probs = []
-        for g, ip in zip(groups, interps):
+        for g, slc in zip(groups, slicers):
+            npix = slc.npix
             a = xp.empty((g.k.shape[0], n_rot), dtype=xp.float32)
             u = xp.empty(n_rot, dtype=xp.float32)
-            for bi, (r0, r1) in enumerate(ip.blocks):
-                s = ip.gather(flat, bi) * g.c[None, :]
-                u[r0:r1] = s.sum(axis=1)
-                a[:, r0:r1] = _matmul(g.k, xp.log(xp.maximum(s, floor)).T, g.sparse, xp)
+            for bi, (si, j0, j1, c0, c1) in enumerate(slc.blocks):
+                s = slc.expand(stacks[si], bi)  # [npix, nb k]
+                s *= g.c[:, None]
+                u[c0:c1] = s.sum(axis=0)
+                xp.maximum(s, floor, out=s)
+                xp.log(s, out=s)
+                a[:, c0:c1] = _matmul(g.k, s, g.sparse, xp)
                 del s
             sl = slice(g.offset, g.offset + g.k.shape[0])
             ph = phi[sl]
             if scale:
                 # scale profiled out per orientation: φ̂_dr = K_d / u_r (multinomial likelihood)
                 a -= g.counts[:, None] * xp.log(xp.maximum(u, 1e-30))[None, :]
-                p, mi = _softmax(a, logw, beta, xp)
+                p, mi = _softmax(a, logw_c, beta, xp)
                 kd = xp.maximum(g.counts, 1e-30)
                 a += (g.counts * (xp.log(kd) - 1.0) - g.lgk.astype(xp.float32))[:, None]
             else:
                 a -= ph[:, None] * u[None, :]  # a is now L_dr
-                p, mi = _softmax(a, logw, beta, xp)
+                p, mi = _softmax(a, logw_c, beta, xp)
                 a += (g.counts * xp.log(xp.maximum(ph, 1e-30)) - g.lgk.astype(xp.float32))[:, None]
             ll_frame[sl] = (p * a).sum(axis=1)
-            best[sl] = xp.argmax(p, axis=1)
+            best[sl] = order[xp.argmax(p, axis=1)]
             maxp[sl] = p.max(axis=1)
             del a
-            probs.append((g, ip, p, u, mi))
+            probs.append((g, slc, p, u, mi))
+        del stacks
         # -- scales ----------------------------------------------------------------------
         if scale:
             new_phi = xp.empty_like(phi)
@@ -828,26 +991,40 @@ def emc(
                 new_phi[sl] = g.counts / xp.maximum(p @ u, 1e-30)
             phi = new_phi / new_phi.mean()
         # -- merge -----------------------------------------------------------------------
-        acc_num = xp.zeros(nvox, dtype=xp.float64)
-        acc_den = xp.zeros(nvox, dtype=xp.float64)
-        n_active = 0
-        for g, ip, p, u, _ in probs:
+        acc_num = xp.zeros((size,) * 3, dtype=xp.float64)
+        acc_den = xp.zeros((size,) * 3, dtype=xp.float64)
+        active_any = np.zeros(n_rot, dtype=bool)
+        for g, slc, p, u, _ in probs:
             sl = slice(g.offset, g.offset + g.k.shape[0])
-            occ = backend.to_host(p.sum(axis=0))
+            act_g = backend.to_host(p.sum(axis=0)) > MERGE_MIN_OCCUPANCY
+            active_any |= act_g
             pphi = p.T @ phi[sl]  # [n_rot]
-            active_any = occ > MERGE_MIN_OCCUPANCY
-            n_active = max(n_active, int(active_any.sum()))
-            for bi, (r0, r1) in enumerate(ip.blocks):
-                act = np.flatnonzero(active_any[r0:r1])
+            stacked = [None] * len(cosets.sets)
+            for bi, (si, j0, j1, c0, c1) in enumerate(slc.blocks):
+                k = cosets.sets[si].perms.shape[0]
+                act = np.flatnonzero(act_g[c0:c1].reshape(j1 - j0, k).any(axis=1))
                 if act.size == 0:
                     continue
-                rows = None if act.size == r1 - r0 else xp.asarray(act)
-                sel = slice(r0, r1) if rows is None else xp.asarray(act + r0)
-                pb = p[:, sel]
-                num = xp.asarray(g.kt @ pb, dtype=xp.float32).T if g.sparse else pb.T @ g.k
-                den = pphi[sel][:, None] * g.c[None, :]
-                ip.scatter((acc_num, acc_den), bi, (num, den), rows)
-                del num, den, pb
+                bases = None if act.size == j1 - j0 else act
+                cols = slice(c0, c1) if bases is None else xp.asarray((c0 + bases[:, None] * k + np.arange(k)).ravel())
+                pb = p[:, cols]
+                num = g.kt @ pb if g.sparse else g.k.T @ pb  # [npix, nb k]: Σ_d P_dr K_dt
+                num = xp.asarray(num, dtype=xp.float32)
+                m_num = slc.merge(bi, num.reshape(-1, k), bases)  # [voxels, k]
+                del num, pb
+                m_den = slc.coverage(bi) @ pphi[c0:c1].reshape(j1 - j0, k)  # Σ_rt f c_t Σ_d P_dr φ_d
+                if stacked[si] is None:
+                    stacked[si] = [m_num, xp.asarray(m_den)]
+                else:
+                    stacked[si][0] += m_num
+                    stacked[si][1] += m_den
+                del m_num, m_den
+            for si, m in enumerate(stacked):
+                if m is not None:
+                    cosets.unstack((acc_num, acc_den), si, m, xp)
+            del stacked
+        n_active = int(active_any.sum())
+        acc_num, acc_den = acc_num.ravel(), acc_den.ravel()
         new_model, weight = _finish(acc_num, acc_den, size, symmetry, friedel, xp)
         del acc_num, acc_den
         sampled = weight > 0

@@ -249,19 +249,77 @@ def _grid(num_div: int, friedel: bool):
     return q, w
 
 
-def _key(q, decimals=7):
-    return [tuple(r) for r in np.round(canonical(q), decimals) + 0.0]
+def _lookup(quats, queries) -> np.ndarray:
+    """Index in ``quats`` of every rotation in ``queries`` (``[..., 4]``), -1 where absent."""
+    scale = 2.0**20  # grid rotations are far more than 1e-6 apart; products agree to ~1e-15
+    kq = np.rint(canonical(quats) * scale).astype(np.int64)
+    kx = np.rint(canonical(queries).reshape(-1, 4) * scale).astype(np.int64)
+    _, inv = np.unique(np.concatenate([kq, kx]), axis=0, return_inverse=True)
+    inv = inv.ravel()
+    table = np.full(int(inv.max()) + 1, -1, dtype=np.int64)
+    table[inv[: len(kq)][::-1]] = np.arange(len(kq))[::-1]  # first occurrence wins
+    return table[inv[len(kq):]].reshape(np.shape(queries)[:-1])
+
+
+def cubic_group_quaternions() -> np.ndarray:
+    """The 12 rotations ``[12, 4]`` of the tetrahedral group T (identity first) as quaternions.
+
+    They are the rotations that map a cubic grid centred on a voxel onto itself and that
+    are also unit icosians: the identity, the half-turns about x, y and z and the
+    third-turns about the body diagonals (quaternions ``(1,0,0,0)``, ``(0,1,0,0)``, ... and
+    ``(½, ±½, ±½, ±½)``). Their matrices are signed permutations (:func:`point_group`
+    ``"tetrahedral"``, same order).
+    """
+    return np.rint(2.0 * matrix_to_quaternion(np.rint(_point_group("tetrahedral")))) / 2.0
+
+
+def coset_decomposition(quats):
+    """Split rotations into right cosets ``{R_j G : G ∈ T}`` of the tetrahedral group.
+
+    The refined 600-cell grid is invariant under right multiplication by every unit
+    icosian, so it is a union of cosets of the 12 rotations of
+    :func:`cubic_group_quaternions`, which permute the axes of a cubic grid: a pixel of
+    orientation ``R_j G`` samples ``W(Gᵀ R_jᵀ q)``, the model with its axes permuted at
+    the rotated position of orientation ``R_j``. EMC uses this to interpolate once per
+    coset instead of once per rotation.
+
+    Returns
+    -------
+    members : ``[m, 12]`` int64, indices into ``quats`` of ``q_j ⊗ g`` for the 12 group
+        elements ``g`` (column 0: the coset's first rotation ``q_j``), one row per coset
+        whose 12 rotations are all in ``quats``
+    rest : ``[l]`` int64, the rotations of incomplete cosets (any rotation set works)
+    """
+    q = np.asarray(quats, dtype=np.float64).reshape(-1, 4)
+    g = cubic_group_quaternions()
+    idx = _lookup(q, multiply(q[:, None, :], g[None, :, :]))
+    complete = np.all(idx >= 0, axis=1) & (idx.min(axis=1) == np.arange(len(q)))
+    used = np.zeros(len(q), dtype=bool)
+    rows = []
+    for i in np.flatnonzero(complete):
+        m = idx[i]
+        if len(np.unique(m)) == len(m) and not used[m].any():
+            used[m] = True
+            rows.append(m)
+    members = np.array(rows, dtype=np.int64).reshape(-1, len(g))
+    return members, np.flatnonzero(~used)
 
 
 def _friedel_half(q, w):
-    """Keep one rotation of each pair ``(R, C₂ R)``, ``C₂`` the half-turn about z; weights doubled."""
+    """Keep one rotation of each pair ``(R, C₂ R)``, ``C₂`` the half-turn about z; weights doubled.
+
+    Whole cosets ``R T`` (:func:`coset_decomposition`) are kept or dropped together where
+    ``C₂`` maps a coset onto another one, so the half stays a union of cosets.
+    """
     c2 = np.array([0.0, 0.0, 0.0, 1.0])
-    partner = canonical(multiply(c2, q))
-    index = {k: i for i, k in enumerate(_key(q))}
-    j = np.array([index.get(k, -1) for k in _key(partner)])
+    j = _lookup(q, multiply(c2, q))
     if np.any(j < 0):
         raise RuntimeError("grid is not closed under the half-turn about the beam axis")
-    keep = np.arange(q.shape[0]) < j
+    members, rest = coset_decomposition(q)
+    coset = np.arange(q.shape[0])
+    coset[members.ravel()] = np.repeat(members[:, 0], members.shape[1])
+    ci, cj = coset[np.arange(q.shape[0])], coset[j]
+    keep = np.where(ci == cj, np.arange(q.shape[0]) < j, ci < cj)
     return q[keep], 2.0 * w[keep]
 
 
