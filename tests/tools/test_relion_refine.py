@@ -28,7 +28,8 @@ from conveyor.io.mrc import read_mrc, write_mrc
 from conveyor.io.star import format_image_name, optics_table, read_particles, read_star, write_star
 from conveyor.simulate.spa import make_model
 from conveyor.spa.extract import fourier_crop
-from conveyor.spa.fsc import align_to_reference, mirror_volume, read_fsc_star
+from conveyor.spa.fsc import align_to_reference, fsc, mirror_volume, read_fsc_star, resolution_at
+from conveyor.spa.postprocess import fit_bfactor
 from conveyor.spa.reconstruct import (
     CtfParams,
     apply_bfactor,
@@ -269,8 +270,7 @@ def test_relion_refine3d_stops_continues_and_writes_the_native_files(particles3d
     run = json.loads((out / "run.json").read_text())
     assert run["iterations"] == 2 and run["converged"] is False and run["particles"] == N3
     assert [h["iteration"] for h in run["history"]] == [1, 2]
-    fsc = read_fsc_star(out / "fsc.star")
-    curve = fsc["rlnFourierShellCorrelation"].to_numpy(float)
+    curve = read_fsc_star(out / "fsc.star")["rlnFourierShellCorrelation"].to_numpy(float)
     assert len(curve) == BOX3 // 2 + 1 and curve[1] > 0.9
     assert 2 * PIX3 <= run["resolution_A"] < 40.0
     parts, _ = read_particles(out / "particles.star")
@@ -286,6 +286,26 @@ def test_relion_refine3d_stops_continues_and_writes_the_native_files(particles3d
     cc = float(np.corrcoef(full.ravel(), truth.ravel())[0, 1])
     blob = float(np.corrcoef(lowpass(truth, 60.0, PIX3).ravel(), truth.ravel())[0, 1])
     assert cc > 0.75 and cc > blob + 0.05, (cc, blob)
+
+
+@pytest.mark.peer
+@needs_relion
+def test_relion_3d_classification(particles3d, tmp_path):
+    star, truth, truth_path = particles3d
+    out = tmp_path / "class3d"
+    assert main(["tools", "relion-refine3d", "--particles", str(star), "--reference", str(truth_path), "--out-dir",
+                 str(out), "--particle-diameter", "140", "--classes", "2", "--iterations", "1", "--angular-step", "30",
+                 "--finest-step", "3"]) == 0
+    run = json.loads((out / "run.json").read_text())
+    assert sum(run["classes"]) == N3 and run["iterations"] == 1
+    parts, _ = read_particles(out / "particles.star")
+    assert set(parts["rlnClassNumber"]) <= {1, 2} and len(parts) == N3 and "rlnRandomSubset" not in parts.columns
+    for c in (1, 2):
+        vol, ps = read_mrc(out / f"class{c:03d}.mrc")
+        assert vol.shape == (BOX3,) * 3 and ps == pytest.approx(PIX3) and np.isfinite(vol).all()
+    big = int(np.argmax(run["classes"])) + 1
+    vol, _ = read_mrc(out / f"class{big:03d}.mrc")
+    assert np.corrcoef(vol.ravel(), truth.ravel())[0, 1] > 0.6
 
 
 @pytest.mark.peer
@@ -312,14 +332,18 @@ def test_relion_postprocess_of_blurred_noisy_half_maps(tmp_path):
     blocks = read_star(out / "postprocess.star")
     assert {"general", "fsc", "guinier"} <= set(blocks)
     assert float(blocks["general"]["rlnFinalResolution"].iloc[0]) == pytest.approx(summary["resolution_A"], abs=1e-3)
-    fsc = blocks["fsc"]
-    assert len(fsc) == box // 2 + 1 and fsc["rlnFourierShellCorrelationCorrected"].iloc[1] > 0.99
+    curves = blocks["fsc"]
+    assert len(curves) == box // 2 + 1 and curves["rlnFourierShellCorrelationCorrected"].iloc[1] > 0.99
     sharp, ps = read_mrc(out / "postprocess.mrc")
-    assert ps == pytest.approx(pixel)
-    ref = lowpass(truth, summary["resolution_A"], pixel)
-    assert np.corrcoef(sharp.ravel(), ref.ravel())[0, 1] > 0.9
     mask, _ = read_mrc(out / "mask.mrc")
-    assert mask.max() == pytest.approx(1.0) and mask.min() == pytest.approx(0.0)
+    assert ps == pytest.approx(pixel) and mask.max() == pytest.approx(1.0) and mask.min() == pytest.approx(0.0)
+    # RELION's resolution agrees with the FSC of the average against the truth inside the mask
+    avg = 0.5 * (read_mrc(tmp_path / "h1.mrc")[0] + read_mrc(tmp_path / "h2.mrc")[0])
+    assert summary["resolution_A"] == pytest.approx(resolution_at(fsc(avg, truth, mask), 0.5, pixel), rel=0.2)
+    # B-factor: about the map's own plus the blur; the sharpened map is no worse against the truth
+    b_truth, _, _, _ = fit_bfactor(truth * mask, pixel, high=summary["resolution_A"])
+    assert summary["map_bfactor_A2"] == pytest.approx(-b_truth + 150.0, rel=0.35)
+    assert resolution_at(fsc(sharp, truth), 0.5, pixel) <= resolution_at(fsc(avg, truth), 0.5, pixel) + 0.1
     # a given B-factor is applied as given
     assert main(["tools", "relion-postprocess", "--half1", str(tmp_path / "h1.mrc"), "--half2", str(tmp_path / "h2.mrc"),
                  "--out-dir", str(tmp_path / "adhoc"), "--mask", str(out / "mask.mrc"), "--bfactor", "-50"]) == 0
