@@ -106,9 +106,11 @@ def critical_exposure(k, voltage: float = 300.0):
     """Critical exposure ``Ne(k)`` in e/Å² for spatial frequency ``k`` in 1/Å (array or scalar).
 
     ``Ne = (0.245 k^-1.665 + 2.81) * voltage_factor(voltage)``; infinite at ``k = 0``.
+    Computed in float32 for a float32 ``k``, else in float64.
     """
     xp = backend.array_module(k)
-    k = xp.asarray(k, dtype=xp.float64)
+    k = xp.asarray(k)
+    k = k if k.dtype == xp.float32 else k.astype(xp.float64)
     with np.errstate(divide="ignore"):
         kk = xp.where(k > 0, k, 1.0)
         ne = (GG_A * kk**GG_B + GG_C) * voltage_factor(voltage)
@@ -120,11 +122,11 @@ def _frequency_radius(shape, pixel_size, xp, rfft=True):
     ny, nx = shape
     ky = xp.fft.fftfreq(ny, d=pixel_size)
     kx = xp.fft.rfftfreq(nx, d=pixel_size) if rfft else xp.fft.fftfreq(nx, d=pixel_size)
-    return xp.sqrt(ky[:, None] ** 2 + kx[None, :] ** 2)
+    return xp.sqrt(ky[:, None] ** 2 + kx[None, :] ** 2).astype(xp.float32)
 
 
 class _DoseFilter:
-    """Per-frame dose filters on one rFFT grid, computed frame by frame (little memory).
+    """Per-frame dose filters on one rFFT grid (float32), computed frame by frame (little memory).
 
     ``q_f = exp(-N_f / (2 Ne))`` with ``N_f = pre + (f + 1) dose`` is ``pre_factor * step^(f+1)``
     (``step = exp(-dose / (2 Ne))``, ``pre_factor = exp(-pre / (2 Ne))``), so the normalisation
@@ -147,13 +149,13 @@ class _DoseFilter:
         self.n = int(n_frames)
         self.dose = float(dose_per_frame)
         self.pre = float(pre_exposure)
-        self.half_inv_ne = (0.5 / ne).astype(xp.float64)  # 0 at k = 0
+        self.half_inv_ne = (0.5 / ne).astype(xp.float32)  # 0 at k = 0
         if normalize:
             # sum_f q_f² = exp(-pre/Ne) sum_{j=1..n} exp(-j x), x = dose/Ne: a geometric series
-            x = 2.0 * self.dose * self.half_inv_ne
-            xs = xp.where(x > 0, x, 1.0)
-            series = xp.where(x > 0, -xp.expm1(-self.n * xs) / xp.expm1(xs), float(self.n))
-            sumsq = xp.exp(-2.0 * self.pre * self.half_inv_ne) * series
+            x = xp.float32(2.0 * self.dose) * self.half_inv_ne
+            xs = xp.where(x > 0, x, xp.float32(1.0))
+            series = xp.where(x > 0, -xp.expm1(-self.n * xs) / xp.expm1(xs), xp.float32(self.n))
+            sumsq = xp.exp(xp.float32(-2.0 * self.pre) * self.half_inv_ne) * series
             self.norm = xp.sqrt(self.n / sumsq)
         else:
             self.norm = None
@@ -163,23 +165,23 @@ class _DoseFilter:
         return self.pre + (f + 1) * self.dose
 
     def __call__(self, f: int):
-        w = self.xp.exp(-self.exposure(f) * self.half_inv_ne)
+        w = self.xp.exp(self.xp.float32(-self.exposure(f)) * self.half_inv_ne)
         if self.norm is not None:
-            w = w * self.norm
-        return w.astype(self.xp.float32)
+            w *= self.norm
+        return w.astype(self.xp.float32, copy=False)
 
     @property
     def step(self):
         """``exp(-dose / (2 Ne))`` (float32): the ratio of consecutive frames' filters."""
-        return self.xp.exp(-self.dose * self.half_inv_ne).astype(self.xp.float32)
+        return self.xp.exp(self.xp.float32(-self.dose) * self.half_inv_ne)
 
     @property
     def post(self):
         """``exp(-pre / (2 Ne))`` times the normalisation (float32): ``w_f = post * step^(f+1)``."""
-        p = self.xp.exp(-self.pre * self.half_inv_ne)
+        p = self.xp.exp(self.xp.float32(-self.pre) * self.half_inv_ne)
         if self.norm is not None:
-            p = p * self.norm
-        return p.astype(self.xp.float32)
+            p *= self.norm
+        return p
 
 
 def dose_weights(shape, pixel_size: float, dose_per_frame: float, voltage: float = 300.0,
@@ -303,8 +305,6 @@ class _Grid:
     kx: object  # [mx // 2 + 1]
     filt: object  # per-image B-factor filter exp(-B k²/4), 0 on the Nyquist row/column, [my, mkx]
     max_shift: float  # px, largest shift searched in the CC map
-    dist_y: object  # |lag| (px) of every CC-map row, [my, 1]
-    dist_x: object  # [1, mx]
     moments: tuple  # (hw·[1, kx] [mkx, 2], hw·[kx, kx²] [mkx, 2], [ky, ky²] [my, 2]), complex64
 
     @property
@@ -324,17 +324,12 @@ def _make_grid(my, mx, ly, lx, pixel_size, bfactor, max_shift, xp) -> _Grid:
     hw = np.full(mkx, 2.0)  # Hermitian multiplicity of the rFFT columns
     hw[0] = 1.0
     hw[mkx - 1] = 0.0
-    dy = np.abs(_signed(my)) * (ly / my)
-    dx = np.abs(_signed(mx)) * (lx / mx)
-    dy[my // 2] = np.inf  # the CC map's Nyquist row/column are never a peak
-    dx[mx // 2] = np.inf
     f32, c64 = xp.float32, xp.complex64
     moments = (xp.asarray(np.stack([hw, hw * kx], axis=1), dtype=c64),
                xp.asarray(np.stack([hw * kx, hw * kx * kx], axis=1), dtype=c64),
                xp.asarray(np.stack([ky, ky * ky], axis=1), dtype=c64))
     return _Grid(my, mx, float(ly), float(lx), xp.asarray(ky, dtype=f32), xp.asarray(kx, dtype=f32),
-                 xp.asarray(filt, dtype=f32), float(max_shift), xp.asarray(dy[:, None], dtype=f32),
-                 xp.asarray(dx[None, :], dtype=f32), moments)
+                 xp.asarray(filt, dtype=f32), float(max_shift), moments)
 
 
 def _crop_spectrum(spec, my, mx, xp):
@@ -371,7 +366,8 @@ def _tapered_spectra(images, taper_width: float, xp, size=None):
     h, w = images.shape[-2:]
     win = _taper(h, w, taper_width, xp)
     a = xp.asarray(images, dtype=xp.float32)
-    a = (a - a.mean(axis=(-2, -1), keepdims=True)) * win
+    a = a - a.mean(axis=(-2, -1), keepdims=True)
+    a *= win
     spec = _fft(xp).rfft2(a, axes=(-2, -1))
     if size is not None and tuple(size) != (h, w):
         spec = _crop_spectrum(spec, size[0], size[1], xp)
@@ -395,11 +391,14 @@ def _shifted(spec, ky, kx, shifts, xp, out=None):
 
 
 def _mix(mat, a, xp):
-    """Frame combinations: ``mat`` [u, n] applied along the frame axis (-3) of ``a`` [..., n, my, mkx]."""
+    """Frame combinations: real ``mat`` [u, n] applied along the frame axis (-3) of ``a`` [..., n, my, mkx].
+
+    One real matrix product on the interleaved (re, im) floats of the contiguous spectra.
+    """
     sh = a.shape
-    flat = a.reshape(sh[:-3] + (sh[-3], sh[-2] * sh[-1]))
-    out = xp.matmul(xp.asarray(mat, dtype=a.dtype), flat)
-    return out.reshape(sh[:-3] + (mat.shape[0],) + sh[-2:])
+    flat = xp.ascontiguousarray(a).reshape(sh[:-3] + (sh[-3], sh[-2] * sh[-1])).view(xp.float32)
+    out = xp.matmul(xp.asarray(mat, dtype=xp.float32), flat)
+    return out.view(xp.complex64).reshape(sh[:-3] + (mat.shape[0],) + sh[-2:])
 
 
 def _window_matrices(n: int, group: int):
@@ -422,31 +421,53 @@ def _coarse_peak(cross, grid: _Grid, xp, radius=None):
     """Integer CC peak + parabolic refinement -> shifts [..., 2] px.
 
     The peak is searched within ``radius`` px (per unit, broadcast to ``cross.shape[:-2]``;
-    default and upper limit ``max_shift``).
+    default and upper limit ``max_shift``). The CC map is the inverse FFT of ``cross``, or,
+    when the search is local, only its values at the lags within the radius (and one more
+    ring), by two matrix products with Fourier factors.
     """
     lead = cross.shape[:-2]
-    cy, cx = grid.my, grid.mx
-    cc = _fft(xp).irfft2(cross.reshape((-1,) + cross.shape[-2:]), s=(cy, cx), axes=(-2, -1))
-    nb = cc.shape[0]
+    my, mx = grid.my, grid.mx
+    flat = cross.reshape((-1,) + cross.shape[-2:])
+    nb = flat.shape[0]
     lim = np.full(lead, grid.max_shift) if radius is None else np.minimum(radius, grid.max_shift)
-    lim = xp.asarray(np.broadcast_to(lim, lead).reshape(nb, 1, 1), dtype=xp.float32)
-    inside = (grid.dist_y[None] <= lim) & (grid.dist_x[None] <= lim)
+    lim = np.broadcast_to(lim, lead).reshape(nb)
+    scy, scx = grid.scale
+    ry, rx = int(math.ceil(float(lim.max()) / scy)), int(math.ceil(float(lim.max()) / scx))
+    if (2 * ry + 3) * (2 * rx + 3) * 16 <= my * mx:  # a window of lags around 0
+        ay, ax = np.arange(-ry - 1, ry + 2), np.arange(-rx - 1, rx + 2)
+        fy = np.where(np.arange(my) < my // 2, np.arange(my), np.arange(my) - my)
+        hw = np.full(mx // 2 + 1, 2.0)
+        hw[0], hw[-1] = 1.0, 0.0
+        ey = xp.asarray(np.exp((_TWO_PI * 1j / my) * np.outer(ay, fy)), dtype=xp.complex64)  # [Ly, my]
+        ex = xp.asarray(hw[:, None] * np.exp((_TWO_PI * 1j / mx) * np.outer(np.arange(mx // 2 + 1), ax)),
+                        dtype=xp.complex64)  # [mkx, Lx]
+        cc = xp.matmul(ey, xp.matmul(flat, ex)).real  # [nb, Ly, Lx]
+        dy, dx = np.abs(ay) * scy, np.abs(ax) * scx
+    else:
+        cc = _fft(xp).irfft2(flat, s=(my, mx), axes=(-2, -1))
+        ay, ax = _signed(my), _signed(mx)
+        dy, dx = np.abs(ay) * scy, np.abs(ax) * scx
+        dy[my // 2] = np.inf  # the CC map's Nyquist row/column are never a peak
+        dx[mx // 2] = np.inf
+    ly, lx = cc.shape[-2:]
+    limd = xp.asarray(lim.reshape(nb, 1, 1), dtype=xp.float32)
+    inside = (xp.asarray(dy, dtype=xp.float32)[None, :, None] <= limd) & \
+             (xp.asarray(dx, dtype=xp.float32)[None, None, :] <= limd)
     masked = xp.where(inside, cc, -xp.inf)
     idx = xp.argmax(masked.reshape(nb, -1), axis=1)
-    py, px = idx // cx, idx % cx
+    py, px = idx // lx, idx % lx
     b = xp.arange(nb)
     c0 = cc[b, py, px]
-    ym, yp = cc[b, (py - 1) % cy, px], cc[b, (py + 1) % cy, px]
-    xm, xpl = cc[b, py, (px - 1) % cx], cc[b, py, (px + 1) % cx]
+    ym, yp = cc[b, (py - 1) % ly, px], cc[b, (py + 1) % ly, px]  # wrap: only on the full map
+    xm, xpl = cc[b, py, (px - 1) % lx], cc[b, py, (px + 1) % lx]
 
     def vertex(m, c, p):
         den = m + p - 2.0 * c
         off = xp.where(den < 0, 0.5 * (m - p) / xp.where(den < 0, den, -1.0), 0.0)
         return xp.clip(off, -0.5, 0.5)
 
-    sy = xp.where(py > cy // 2, py - cy, py) + vertex(ym, c0, yp)
-    sx = xp.where(px > cx // 2, px - cx, px) + vertex(xm, c0, xpl)
-    scy, scx = grid.scale
+    sy = xp.asarray(ay, dtype=xp.float32)[py] + vertex(ym, c0, yp)
+    sx = xp.asarray(ax, dtype=xp.float32)[px] + vertex(xm, c0, xpl)
     out = xp.stack([sx * scx, sy * scy], axis=-1)
     return backend.to_host(out).astype(np.float64).reshape(lead + (2,))
 
@@ -778,15 +799,18 @@ def _prepare(frames, size, xp, keep_spectra=False):
     """
     n, ny, nx = frames.shape
     my, mx = size
-    spectra = xp.empty((n, ny, nx // 2 + 1), dtype=xp.complex64) if keep_spectra else None
+    fft = _fft(xp)
     binned = xp.empty((n, my, mx), dtype=xp.float32)
-    step = 1 if xp is np else max(1, (1 << 26) // (ny * nx))  # one frame at a time on the CPU, batches on a GPU
-    for i in range(0, n, step):
-        spec = _fft(xp).rfft2(xp.asarray(frames[i:i + step], dtype=xp.float32), axes=(-2, -1))
+    step = max(1, (1 << 22) // (ny * nx)) if xp is np else max(1, (1 << 26) // (ny * nx))
+    if keep_spectra:
+        spectra = fft.rfft2(xp.asarray(frames, dtype=xp.float32), axes=(-2, -1))
+        for i in range(0, n, step):
+            binned[i:i + step] = _binned_frames(spectra[i:i + step], (ny, nx), (my, mx), xp)
+        return spectra, binned
+    for i in range(0, n, step):  # little memory: a few frames at a time
+        spec = fft.rfft2(xp.asarray(frames[i:i + step], dtype=xp.float32), axes=(-2, -1))
         binned[i:i + step] = _binned_frames(spec, (ny, nx), (my, mx), xp)
-        if keep_spectra:
-            spectra[i:i + step] = spec
-    return spectra, binned
+    return None, binned
 
 
 def _align_binned(binned, shape, pixel_size, bfactor, *, max_iter=20, binning=1, tol=0.01, max_shift=None, group=1,
@@ -1136,8 +1160,8 @@ def _local_binned(binned, shape, global_shifts, patches, *, pixel_size, bfactor,
     unit = np.array([bx, by])
     off = np.rint(g / unit)  # whole-frame shift in binned samples: integer part applied when cutting patches
     frac = g - off * unit  # the rest (px), the starting point of the patch alignment
-    # patches are independent: align them in batches that bound the memory (~64 MB of spectra)
-    batch = max(1, min(npatch, (1 << 23) // max(1, n * grid.my * (grid.mx // 2 + 1))))
+    # patches are independent: align them in batches that bound the memory (~8 MB of spectra per array)
+    batch = max(1, min(npatch, (1 << 20) // max(1, n * grid.my * (grid.mx // 2 + 1))))
     s = np.empty((npatch, n, 2))
     iters = 0
     for i in range(0, npatch, batch):
