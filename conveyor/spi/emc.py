@@ -84,6 +84,10 @@ log = logging.getLogger(__name__)
 MERGE_MIN_OCCUPANCY = 1e-6
 #: Tomogram floor relative to the model's mean, so a photon on a dark voxel is finite.
 LOG_FLOOR = 1e-6
+#: Cache cost per coset-pixel pair (bytes): trilinear corners (8 × int32 + float32) plus
+#: the coverage matrix, and the coverage alone (about a third of the corners' entries).
+CACHE_BYTES_PER_PAIR = 88
+COVERAGE_BYTES_PER_PAIR = 24
 #: Target size (orientations × pixels) of one block of tomograms, CPU and GPU.
 BLOCK_ELEMENTS = {"cpu": 64_000_000, "gpu": 256_000_000}
 #: Log-likelihood spread (nats) between a typical frame's best and an unrelated
@@ -620,6 +624,34 @@ def _flip_plane(plane, d):
     return plane[:: int(d[1]), :: int(d[0])]
 
 
+class _Pool:
+    """``map`` over blocks in ``threads`` threads (results in order), BLAS at one thread each.
+
+    The sparse products (scipy), BLAS and numpy's loops release the GIL, so blocks run in
+    parallel; with one thread (or on a GPU) it is a plain loop.
+    """
+
+    def __init__(self, threads: int):
+        self.threads = max(1, int(threads))
+
+    def __call__(self, fn, items):
+        items = list(items)
+        if self.threads == 1 or len(items) < 2:
+            yield from map(fn, items)
+            return
+        from concurrent.futures import ThreadPoolExecutor  # noqa: PLC0415
+        from contextlib import nullcontext  # noqa: PLC0415
+
+        try:
+            from threadpoolctl import threadpool_limits  # noqa: PLC0415
+
+            one_blas = threadpool_limits(1)
+        except ImportError:  # pragma: no cover - threadpoolctl comes with scikit-learn
+            one_blas = nullcontext()
+        with one_blas, ThreadPoolExecutor(min(self.threads, len(items))) as ex:
+            yield from ex.map(fn, items)
+
+
 class _Slicer:
     """Trilinear expand and merge of one detector's pixels over blocks of cosets.
 
@@ -635,7 +667,7 @@ class _Slicer:
     otherwise rebuilt every iteration.
     """
 
-    def __init__(self, q, c, cosets, size, xp, block_size, cache_bytes):
+    def __init__(self, q, c, cosets, size, xp, block_size, cache_bytes, threads=1):
         self.q, self.c, self.size, self.xp, self.cosets = q, c, int(size), xp, cosets
         self.npix = npix = int(q.shape[0])
         self.blocks = []  # (set index, first coset, last coset + 1, first column, last column + 1)
@@ -643,15 +675,17 @@ class _Slicer:
         for si, s in enumerate(cosets.sets):
             m, k = s.members.shape
             nb = _block_bases(npix, k, m, block_size)
+            if threads > 1 and not block_size:  # at least one block per thread
+                nb = min(nb, -(-m // threads))
             for j0 in range(0, m, nb):
                 j1 = min(m, j0 + nb)
                 self.blocks.append((si, j0, j1, s.offset + j0 * k, s.offset + j1 * k))
             n_pairs += m * npix
         # corners: 8 × (int32 + float32) per coset-pixel pair; coverage about a third of that
-        need = 88 * n_pairs
-        self.cache = {} if need <= cache_bytes else None
-        self.cov = {} if need <= cache_bytes else None
-        self.cache_bytes = need if self.cache is not None else 0
+        full, cov = CACHE_BYTES_PER_PAIR * n_pairs, COVERAGE_BYTES_PER_PAIR * n_pairs
+        self.cache = {} if full <= cache_bytes else None
+        self.cov = {} if cov <= cache_bytes else None
+        self.cache_bytes = full if self.cache is not None else (cov if self.cov is not None else 0)
         nb_max = max(j1 - j0 for _, j0, j1, _, _ in self.blocks)
         itype = xp.int32 if 8 * nb_max * npix < 2**31 else xp.int64
         self._indptr = xp.arange(0, 8 * nb_max * npix + 1, 8, dtype=itype)
@@ -678,8 +712,8 @@ class _Slicer:
         return m
 
     def prepare(self):
-        """Compute and keep the matrices of every block (when they fit in the cache)."""
-        if self.cache is not None:
+        """Compute and keep the corners and coverage of every block (what fits in the cache)."""
+        if self.cov is not None:
             for bi in range(len(self.blocks)):
                 self.coverage(bi)
 
@@ -697,7 +731,7 @@ class _Slicer:
         out = self.xp.asarray(self.matrix(bi) @ stack)
         return out.reshape(self.npix, -1)
 
-    def coverage(self, bi):
+    def coverage(self, bi, matrix=None):
         """CSR ``[voxels, nb]``: ``Σ_t c_t f_jt,v``, the efficiency-weighted trilinear weight
         that the pixels of coset ``j`` put on voxel ``v``."""
         cov = self.cov.get(bi) if self.cov is not None else None
@@ -708,14 +742,31 @@ class _Slicer:
             rows = nb * self.npix
             s = sp.csr_matrix((xp.repeat(self.c, nb), xp.tile(xp.arange(nb, dtype=xp.int32), self.npix),
                                xp.arange(rows + 1, dtype=xp.int32)), shape=(rows, nb))
-            cov = (self.matrix(bi).T @ s).tocsr()
+            cov = ((self.matrix(bi) if matrix is None else matrix).T @ s).tocsr()
             if self.cov is not None:
                 self.cov[bi] = cov
         return cov
 
-    def merge(self, bi, values, bases=None):
-        """``Mᵀ @ values``: ``values [pixels × nb, c]`` splatted onto the stacked grid, ``[voxels, c]``."""
-        return self.xp.asarray(self.matrix(bi, bases).T @ values)
+    def merge(self, bi, num, pphi, bases=None):
+        """Stacked merge of block ``bi``: ``(Mᵀ num, Σ_jt f c_t pphi_jg)``, each ``[voxels, k]``.
+
+        ``num`` ``[pixels, nb' k]`` are the photons ``Σ_d P_dr K_dt`` of the rotations of
+        the cosets ``bases`` (all when None); ``pphi`` ``[nb, k]`` the probability mass
+        times scale ``Σ_d P_dr φ_d`` of every rotation of the block. Without a kept
+        coverage matrix the denominator rides along as ``k`` more columns of the same
+        sparse product.
+        """
+        xp = self.xp
+        m = self.matrix(bi, bases)
+        k = pphi.shape[1]
+        if self.cov is not None:
+            return xp.asarray(m.T @ num.reshape(-1, k)), xp.asarray(self.coverage(bi) @ pphi)
+        pp = pphi if bases is None else pphi[xp.asarray(bases)]
+        vals = xp.empty((self.npix, pp.shape[0], 2 * k), dtype=xp.float32)
+        vals[:, :, :k] = num.reshape(self.npix, pp.shape[0], k)
+        xp.multiply(self.c[:, None, None], pp[None, :, :], out=vals[:, :, k:])
+        out = xp.asarray(m.T @ vals.reshape(-1, 2 * k))
+        return out[:, :k], out[:, k:]
 
 
 def estimate_beta(frames, qvox, corr=None, spread: float = BETA_SPREAD) -> float:
@@ -829,6 +880,7 @@ def emc(
     block_size: int | None = None,
     init_noise: float = 1.0,
     cache_mb: float | None = None,
+    threads: int | None = None,
 ) -> EMCResult:
     """Reconstruct a 3D intensity from diffraction patterns by EMC.
 
@@ -868,13 +920,19 @@ def emc(
     friedel : bool
         Enforce ``W(q) = W(−q)`` (default; the intensity of a real object is centrosymmetric).
     block_size : int, optional
-        Rotations per block (default: about 4e5 tomogram pixels on CPU, 1.6e7 on GPU).
+        Rotations per block, rounded to whole cosets (default: about 6.4e7 tomogram pixels
+        on CPU, 2.6e8 on GPU, and at least one block per thread).
     cache_mb : float, optional
         Memory for the interpolation weights kept between iterations (default 1024 MB on
-        CPU, 8192 MB on GPU; 32 bytes per rotation-pixel pair). 0 recomputes them.
+        CPU, 8192 MB on GPU): 88 bytes per pixel per coset of 12 rotations (about 7 per
+        rotation-pixel pair) keep everything, 24 the merge's coverage matrices only; 0
+        recomputes them every iteration.
+    threads : int, optional
+        CPU threads over blocks of cosets (default :func:`conveyor.backend.threads`).
     """
     t_all = time.time()
     xp = backend.xp()
+    n_threads = max(1, int(backend.threads() if threads is None else threads))
     rng = np.random.default_rng(rng)
     frames_l, q_l = _as_list(frames), _as_list(qvox)
     corr_l = _as_list(corr) if corr is not None else [None] * len(frames_l)
@@ -939,12 +997,13 @@ def emc(
     logw_c = logw[order]
     slicers = []
     for g in groups:
-        sl_ = _Slicer(g.q, g.c, cosets, size, xp, block_size, budget_left)
+        sl_ = _Slicer(g.q, g.c, cosets, size, xp, block_size, budget_left, n_threads if xp is np else 1)
         sl_.prepare()
         budget_left -= sl_.cache_bytes
         slicers.append(sl_)
-    log.info("EMC: %d rotations in %d cosets, %d blocks; set-up %.1f s", n_rot,
-             sum(s.members.shape[0] for s in cosets.sets), sum(len(s.blocks) for s in slicers), time.time() - t_all)
+    pool = _Pool(n_threads if xp is np else 1)
+    log.info("EMC: %d rotations in %d cosets, %d blocks, %d threads; set-up %.1f s", n_rot,
+             sum(s.members.shape[0] for s in cosets.sets), sum(len(s.blocks) for s in slicers), pool.threads, time.time() - t_all)
 
     for it in range(int(start_iteration) + 1, int(iterations) + 1):
         t0 = time.time()
@@ -957,14 +1016,18 @@ def emc(
             npix = slc.npix
             a = xp.empty((g.k.shape[0], n_rot), dtype=xp.float32)
             u = xp.empty(n_rot, dtype=xp.float32)
-            for bi, (si, j0, j1, c0, c1) in enumerate(slc.blocks):
+
+            def likelihood(bi, g=g, slc=slc, a=a, u=u):
+                si, _, _, c0, c1 = slc.blocks[bi]
                 s = slc.expand(stacks[si], bi)  # [npix, nb k]
                 s *= g.c[:, None]
                 u[c0:c1] = s.sum(axis=0)
                 xp.maximum(s, floor, out=s)
                 xp.log(s, out=s)
                 a[:, c0:c1] = _matmul(g.k, s, g.sparse, xp)
-                del s
+
+            for _ in pool(likelihood, range(len(slc.blocks))):
+                pass
             sl = slice(g.offset, g.offset + g.k.shape[0])
             ph = phi[sl]
             if scale:
@@ -999,26 +1062,33 @@ def emc(
             act_g = backend.to_host(p.sum(axis=0)) > MERGE_MIN_OCCUPANCY
             active_any |= act_g
             pphi = p.T @ phi[sl]  # [n_rot]
-            stacked = [None] * len(cosets.sets)
-            for bi, (si, j0, j1, c0, c1) in enumerate(slc.blocks):
+
+            def merge(bi, g=g, slc=slc, p=p, pphi=pphi, act_g=act_g):
+                si, j0, j1, c0, c1 = slc.blocks[bi]
                 k = cosets.sets[si].perms.shape[0]
                 act = np.flatnonzero(act_g[c0:c1].reshape(j1 - j0, k).any(axis=1))
                 if act.size == 0:
-                    continue
+                    return si, None
                 bases = None if act.size == j1 - j0 else act
                 cols = slice(c0, c1) if bases is None else xp.asarray((c0 + bases[:, None] * k + np.arange(k)).ravel())
-                pb = p[:, cols]
+                pb, pp = p[:, cols], pphi[c0:c1]
+                off = ~act_g[c0:c1]
+                if off.any():  # inactive rotations of active cosets stay out of the merge
+                    keep = xp.asarray(~off, dtype=xp.float32)
+                    pb, pp = pb * (keep if bases is None else keep.reshape(-1, k)[xp.asarray(bases)].ravel()), pp * keep
                 num = g.kt @ pb if g.sparse else g.k.T @ pb  # [npix, nb k]: Σ_d P_dr K_dt
-                num = xp.asarray(num, dtype=xp.float32)
-                m_num = slc.merge(bi, num.reshape(-1, k), bases)  # [voxels, k]
-                del num, pb
-                m_den = slc.coverage(bi) @ pphi[c0:c1].reshape(j1 - j0, k)  # Σ_rt f c_t Σ_d P_dr φ_d
+                return si, slc.merge(bi, xp.asarray(num, dtype=xp.float32), pp.reshape(j1 - j0, k), bases)
+
+            stacked = [None] * len(cosets.sets)
+            for si, m in pool(merge, range(len(slc.blocks))):  # in block order: deterministic sums
+                if m is None:
+                    continue
                 if stacked[si] is None:
-                    stacked[si] = [m_num, xp.asarray(m_den)]
+                    stacked[si] = list(m)
                 else:
-                    stacked[si][0] += m_num
-                    stacked[si][1] += m_den
-                del m_num, m_den
+                    stacked[si][0] += m[0]
+                    stacked[si][1] += m[1]
+                del m
             for si, m in enumerate(stacked):
                 if m is not None:
                     cosets.unstack((acc_num, acc_den), si, m, xp)

@@ -18,7 +18,14 @@ from conveyor.io.cxi import read_cxi
 from conveyor.simulate.spi import simulate_spi
 from conveyor.spi import emc as E
 from conveyor.spi.detector import DetectorGeometry
-from conveyor.spi.quaternions import multiply, quaternion_grid, random_quaternions, rotation_angle
+from conveyor.spi.quaternions import (
+    coset_decomposition,
+    cubic_group_quaternions,
+    multiply,
+    quaternion_grid,
+    random_quaternions,
+    rotation_angle,
+)
 
 #: 64² detector, 300 single hits of the 70 nm capsid at the simulator's default fluence
 #: (~2.3e5 photons per hit), beamstop radius 5 px.
@@ -100,6 +107,49 @@ def test_compress_of_expanded_slices_recovers_the_model():
     assert np.percentile(rel, 99) < 0.01 and rel.mean() < 0.002
     assert np.mean(np.abs(model[sampled] - w[sampled])) / w.max() < 0.006
     assert np.allclose(model, model[::-1, ::-1, ::-1], atol=1e-6 * w.max())  # Friedel
+
+
+@pytest.mark.parametrize("friedel", [False, True])
+@pytest.mark.parametrize("cache_mb", [None, 0])
+def test_coset_expand_and_merge_equal_per_rotation_trilinear(friedel, cache_mb):
+    """EMC slices and merges by cosets R_j T of the cubic rotation group: the same numbers
+    as plain trilinear interpolation and splatting rotation by rotation."""
+    size = 31
+    rng = np.random.default_rng(0)
+    model = rng.random((size,) * 3).astype(np.float32)  # no symmetry at all
+    g = DetectorGeometry.from_energy((32, 32), 300e-6, 0.3, 1600 * 1.602176634e-19)
+    q, c, _, _ = E.detector_pixels(g, np.ones((32, 32)), max_radius_px=14)
+    q, c = q.astype(np.float32), c.astype(np.float32)
+    quats, _ = quaternion_grid(2, friedel=friedel)
+    members, rest = coset_decomposition(quats)
+    assert np.array_equal(np.sort(np.concatenate([members.ravel(), rest])), np.arange(len(quats)))
+    assert len(rest) <= 0.1 * len(quats)  # the Friedel half keeps whole cosets where it can
+    h = cubic_group_quaternions()
+    assert np.allclose(rotation_angle(quats[members], multiply(quats[members[:, :1]], h[None])), 0, atol=1e-6)
+    # reference: every rotation on its own
+    i8, w8 = E._coords(q, E._rotations(quats, np), size, np)
+    ref_slices = E._gather(model.ravel(), i8, w8)  # [n_rot, npix]
+    num = rng.random(ref_slices.shape).astype(np.float32)
+    pphi = rng.random(len(quats)).astype(np.float32)
+    ref_num, ref_den = np.zeros(size**3), np.zeros(size**3)
+    E._scatter(ref_num, i8, w8, num, np)
+    E._scatter(ref_den, i8, w8, pphi[:, None] * c[None, :], np)
+    # cosets
+    cos = E._Cosets(quats, np)
+    slicer = E._Slicer(q, c, cos, size, np, None, 2**40 if cache_mb is None else 0)
+    slicer.prepare()
+    stacks = cos.stacks(model, np)
+    slices = np.zeros_like(ref_slices)
+    acc_num, acc_den = np.zeros((size,) * 3), np.zeros((size,) * 3)
+    for bi, (si, j0, j1, c0, c1) in enumerate(slicer.blocks):
+        rot = cos.order[c0:c1]
+        slices[rot] = slicer.expand(stacks[si], bi).T
+        k = cos.sets[si].perms.shape[0]
+        m = slicer.merge(bi, np.ascontiguousarray(num[rot].T), pphi[rot].reshape(j1 - j0, k))
+        cos.unstack((acc_num, acc_den), si, m, np)
+    assert np.allclose(slices, ref_slices, rtol=0, atol=1e-5)
+    assert np.allclose(acc_num.ravel(), ref_num, rtol=0, atol=1e-5 * ref_num.max())
+    assert np.allclose(acc_den.ravel(), ref_den, rtol=0, atol=1e-5 * ref_den.max())
 
 
 def test_maximize_finds_orientations_and_scales():
