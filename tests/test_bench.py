@@ -160,7 +160,9 @@ def test_dag_smoke(tmp_path, snakemake_exe):
     report = json.loads(out.read_text())
     s = report["summary"]
     assert positive_finite(s["dry_run_s"]) and positive_finite(s["startup_s"]) and math.isfinite(s["ms_per_job"])
-    assert report["jobs"]["per_rule"]["spa_validate_movie"] == 50
+    # one job per movie (validation to extraction)
+    assert report["jobs"]["per_rule"]["spa_preprocess_movie"] == 50
+    assert "spa_motion" not in report["jobs"]["per_rule"] and s["jobs_per_movie"] == 1
     slurm = report["slurm"]
     assert slurm["agree"] and slurm["from_dry_run"]["total"] == s["slurm_jobs"]
     # the per-movie chains are grouped: far fewer SLURM jobs than jobs
@@ -170,13 +172,13 @@ def test_dag_smoke(tmp_path, snakemake_exe):
 @pytest.mark.slow
 def test_overhead_smoke(tmp_path, snakemake_exe):
     out = tmp_path / "overhead.json"
-    rc = main(["bench", "overhead", "--movies", "2", "--size", "256", "--frames", "4", "--until", "spa_pick",
-               "--out", str(out)])
+    rc = main(["bench", "overhead", "--movies", "2", "--size", "256", "--frames", "4", "--out", str(out)])
     assert rc == 0
     report = json.loads(out.read_text())
     s = report["summary"]
-    # validation, motion and picking of each movie (CTF is not on the way to picking)
-    assert report["params"]["rules"] == ["spa_motion", "spa_pick", "spa_validate_movie"]
-    assert report["params"]["jobs"] == 2 * 3
+    # by default each movie's preprocessing up to its particles: one job per movie
+    assert report["params"]["rules"] == ["spa_preprocess_movie"]
+    assert report["params"]["jobs"] == 2
+    assert all(t.startswith("results/overhead/spa/extract/bin4/") for t in report["params"]["targets"])
     assert positive_finite(s["snakemake_s"]) and positive_finite(s["pool_s"]) and positive_finite(s["ratio"])
     assert math.isfinite(s["overhead"]) and math.isfinite(s["snakemake_own_cpu_s"])

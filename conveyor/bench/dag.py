@@ -14,8 +14,10 @@ and no ``simulate:`` section. Measured, each as its own process:
   ``all``, which the dry run shows without ``output:``).
 
 The count is checked against the DAG: the jobs of each group's rules form one connected
-component per movie (or shot file), and ``group-components: N`` packs N components into one
-SLURM job, so a group gives ``ceil(components / N)`` jobs.
+component per movie (or shot file) -- with the native tools a single ``spa_preprocess_movie``
+job, with a peer tool in its own image the chain of five step jobs -- and
+``group-components: N`` packs N components into one SLURM job, so a group gives
+``ceil(components / N)`` jobs.
 
 ``--profile-python`` runs the plain dry run once more under :mod:`cProfile` and lists the
 hottest functions, separating those defined in the workflow (Snakefile, ``*.smk``: input
@@ -396,6 +398,8 @@ def run_benchmark(*, movies: int = 10000, profile="mesocentre", snakefile=None, 
         "startup_s": startup,
         "dag_s": max(main["wall_s"] - startup, 0.0),
         "jobs": report["jobs"]["total"],
+        # jobs of the rules that run once per movie, per movie
+        "jobs_per_movie": sum(c for c in job_counts.values() if c == movies) / movies,
         "ms_per_job": 1000.0 * max(main["wall_s"] - startup, 0.0) / max(report["jobs"]["total"], 1),
         "cpu_ms_per_job": 1000.0 * max(main["cpu_s"] - runs["startup"]["cpu_s"], 0.0) / max(report["jobs"]["total"], 1),
         "slurm_jobs": slurm["from_dry_run"]["total"] if slurm else None,
@@ -409,7 +413,8 @@ def format_report(report: dict) -> str:
     from . import fmt, table  # noqa: PLC0415
 
     p, s = report["params"], report["summary"]
-    lines = [f"Dry run over {p['movies']} placeholder movies ({report['jobs']['total']} jobs; "
+    lines = [f"Dry run over {p['movies']} placeholder movies ({report['jobs']['total']} jobs, "
+             f"{s.get('jobs_per_movie', 0):g} per movie; "
              f"{p['snakemake'] and 'snakemake ' + p['snakemake']}; {report['device']['cpu_model']}, "
              f"{report['device']['nproc']} cores)", ""]
     rows = []

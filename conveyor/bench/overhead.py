@@ -2,9 +2,13 @@
 
 1. ``N`` small movies are simulated (``conveyor.simulate.spa``); the config has their
    ``spa:`` section and no ``simulate:`` section, so the workflow starts from the movies.
-2. ``snakemake -n -p --until spa_extract`` lists every per-movie job (validation, motion,
-   CTF, picking, extraction) with its inputs, outputs and exact shell command.
-3. ``snakemake --cores C --until spa_extract`` runs them, with every rule at one thread
+2. ``snakemake -n -p TARGETS`` lists every per-movie job with its inputs, outputs and exact
+   shell command. The default targets are the movies' extracted particle tables
+   (``results/overhead/spa/extract/bin4/{mic}.star``): whatever the rules are called, that
+   is all of each movie's preprocessing (validation, motion, CTF, picking, extraction) --
+   one job per movie with the native tools (``spa_preprocess_movie``), five with a peer
+   tool in its own image. ``--target`` or ``--until`` choose other jobs.
+3. ``snakemake --cores C TARGETS`` runs them, with every rule at one thread
    (``--set-threads RULE=1``) so that Snakemake runs up to ``C`` jobs at once.
 4. A plain pool of ``C`` workers (:func:`_pool_main`, a separate Python process) runs the
    very same command lines with ``bash -c 'set -euo pipefail; ...'`` as Snakemake does, one
@@ -148,7 +152,7 @@ def _dirs(job: dict) -> list[str]:
 
 
 def run_benchmark(*, movies: int = 8, cores: int = 2, size: int = 512, frames: int = 10, repeat: int = 1,
-                  snakefile=None, include=(), targets=(), until=("spa_extract",), workdir=None, keep: bool = False,
+                  snakefile=None, include=(), targets=(), until=(), workdir=None, keep: bool = False,
                   seed: int = 0, argv=None, log=print) -> dict:
     """Run the overhead benchmark and return the report (JSON-able); see the module docstring."""
     import yaml  # noqa: PLC0415
@@ -184,6 +188,11 @@ def run_benchmark(*, movies: int = 8, cores: int = 2, size: int = 512, frames: i
         config = work / "config.yaml"
         config.write_text(yaml.safe_dump({"experiment": "overhead", "device": "cpu", "spa": exp["spa"]},
                                          sort_keys=False))
+        if not tgt and not until:
+            # every movie's preprocessing, up to its extracted particles (default extraction bin)
+            bin_ = (exp["spa"].get("extract") or {}).get("bin", 4)
+            tgt = [f"results/overhead/spa/extract/bin{bin_}/{Path(m).stem}.star"
+                   for m in paths["movies"]]
         sf = workflow_snakefile(work, snakefile, include)
         sel = [*tgt, *(x for u in until for x in ("--until", u))]
 
@@ -198,14 +207,16 @@ def run_benchmark(*, movies: int = 8, cores: int = 2, size: int = 512, frames: i
         no_shell = sorted({j["rule"] for j in jobs if not j["cmd"]})
         if no_shell:
             raise InputError("bench overhead", f"rules without a shell command cannot be replayed: {', '.join(no_shell)}",
-                             "choose targets whose jobs are shell commands (default: --until spa_extract)")
+                             "choose targets whose jobs are shell commands (default: every movie's extracted particles)")
         rules = sorted({j["rule"] for j in jobs})
         chains = chains_of(jobs)
         jobs_file = work / "chains.json"
         jobs_file.write_text(json.dumps([[{"cmd": j["cmd"], "dirs": _dirs(j)} for j in c] for c in chains]))
         log(f"{len(jobs)} jobs ({', '.join(rules)}) in {len(chains)} chains")
 
-        smk_opts = ["--cores", str(cores), "--set-threads", *(f"{r}=1" for r in rules), *sel]
+        # targets before --set-threads (which takes every word after it), after an option
+        # with one value (--configfile in front takes several)
+        smk_opts = ["--cores", str(cores), *sel, "--set-threads", *(f"{r}=1" for r in rules)]
         probe = slurm_probe()
         ver = run_measured([snakemake_exe(), "--version"], env=env).check("snakemake --version")
         runs = {"snakemake": [], "pool": []}
@@ -267,7 +278,8 @@ def format_report(report: dict) -> str:
     from . import fmt, table  # noqa: PLC0415
 
     p, s = report["params"], report["summary"]
-    head = (f"{p['jobs']} jobs of {p['movies']} movies ({p['size']}x{p['size']}x{p['frames']}) on {p['cores']} "
+    head = (f"{p['jobs']} jobs ({', '.join(p['rules'])}) of {p['movies']} movies "
+            f"({p['size']}x{p['size']}x{p['frames']}) on {p['cores']} "
             f"cores, median of {p['repeat']} run(s); {report['device']['cpu_model']}, {report['device']['nproc']} cores")
     rows = [
         ["snakemake --cores", fmt(s["snakemake_s"]), fmt(s["snakemake_cpu_s"])],

@@ -46,7 +46,7 @@ def _overhead(args) -> int:
 
     report = run_benchmark(movies=args.movies, cores=args.cores, size=args.size, frames=args.frames,
                            repeat=args.repeat, snakefile=args.snakefile, include=args.include, targets=args.target,
-                           until=args.until or ["spa_extract"], workdir=args.workdir, keep=args.keep, seed=args.seed,
+                           until=args.until, workdir=args.workdir, keep=args.keep, seed=args.seed,
                            argv=["conveyor", *sys.argv[1:]], log=_log)
     write_report(report, args.out)
     print(format_report(report))
@@ -109,10 +109,10 @@ def register(group) -> None:
     p = g.add_parser(
         "overhead",
         help="Snakemake's overhead: the same command lines through Snakemake and through a plain process pool",
-        description="Simulate N small movies, run the per-movie preprocessing through `snakemake --cores C` "
-        "(config without a simulation section, every job on one thread) and the very command lines Snakemake "
-        "printed (`snakemake -n -p`) through a pool of C workers, one movie's chain after the other per worker. "
-        "Prints both wall times and the overhead (snakemake / pool - 1).",
+        description="Simulate N small movies, run the per-movie preprocessing (up to each movie's extracted "
+        "particles) through `snakemake --cores C` (config without a simulation section, every job on one thread) "
+        "and the very command lines Snakemake printed (`snakemake -n -p`) through a pool of C workers, one movie's "
+        "jobs after the other per worker. Prints both wall times and the overhead (snakemake / pool - 1).",
     )
     p.add_argument("--movies", type=int, default=8, help="simulated movies (default 8)")
     p.add_argument("--cores", type=int, default=2, help="parallel jobs for both (default 2)")
@@ -122,8 +122,8 @@ def register(group) -> None:
     p.add_argument("--seed", type=int, default=0, help="simulation seed (default 0)")
     _workflow_args(p)
     p.add_argument("--until", action="append", default=[], metavar="RULE",
-                   help="run the jobs up to this rule (snakemake --until; default spa_extract, ignored with "
-                   "--target); every job must be a shell command; repeatable")
+                   help="run the jobs up to this rule (snakemake --until; ignored with --target; default: "
+                   "every movie's extracted particles); every job must be a shell command; repeatable")
     p.add_argument("--out", default=None, help="write the report as JSON here")
     p.add_argument("--workdir", default=None, help="work here (kept) instead of a temporary directory")
     p.add_argument("--keep", action="store_true", help="keep the temporary work directory")

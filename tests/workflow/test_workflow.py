@@ -126,9 +126,9 @@ def test_new_movies_only(repo, plain_config):
     shutil.copy(movies[0], movies[0].with_name("mic_new.mrc"))
     out = run_snakemake(repo, work, cfg, "-n", "--quiet", "rules")
     text = out.stdout + out.stderr
-    assert "spa_validate_movie" in text
-    # exactly one validation job: the new movie
-    line = next(ln for ln in text.splitlines() if ln.strip().startswith("spa_validate_movie"))
+    assert "spa_preprocess_movie" in text
+    # exactly one per-movie job (validation to extraction): the new movie
+    line = next(ln for ln in text.splitlines() if ln.strip().startswith("spa_preprocess_movie"))
     assert line.split()[-1] == "1"
 
 

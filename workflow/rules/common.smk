@@ -150,7 +150,7 @@ def spa_first_bin():
     return (config.get("spa") or {}).get("extract", {}).get("bin", 4)
 
 
-def spa_motion_opts(wildcards):
+def spa_motion_opts(wildcards=None):
     spa = config["spa"]
     m = spa["motion"]
     opts = [
@@ -169,7 +169,7 @@ def spa_motion_opts(wildcards):
     return " ".join(opts)
 
 
-def spa_ctf_opts(wildcards):
+def spa_ctf_opts(wildcards=None):
     spa = config["spa"]
     c = spa["ctf"]
     opts = (
@@ -181,7 +181,7 @@ def spa_ctf_opts(wildcards):
     return opts + (" --phase-shift" if c["phase_shift"] else "")
 
 
-def spa_pick_opts(wildcards):
+def spa_pick_opts(wildcards=None):
     spa = config["spa"]
     p = spa["pick"]
     opts = f"--particle-diameter {spa['particle_diameter']} --method {p['method']} --threshold {p['threshold']}"
@@ -201,7 +201,7 @@ def spa_box():
     return box + (-box) % 8
 
 
-def spa_extract_opts(wildcards):
+def spa_extract_opts(wildcards=None):
     spa = config["spa"]
     return f"--box {spa_box()} --particle-diameter {spa['particle_diameter']}"
 
@@ -213,6 +213,81 @@ def spa_merge_opts(wildcards):
         f"--max-ctf-resolution {m['max_ctf_resolution']}"
         f" --max-drift {m['max_drift'] / spa['pixel_size']:.2f}"
     )
+
+
+def spa_one_job():
+    """Whether each movie's steps (validation, motion correction, CTF, picking, extraction)
+    are one job, rule spa_preprocess_movie (`conveyor spa preprocess` runs them in one
+    process): when they all run in one container image, as with the native tools. When a
+    peer tool brings another image, each step is a job of its own in its image
+    (spa_validate_movie, spa_motion, spa_ctf, spa_pick, spa_extract)."""
+    stages = ("motion", "ctf", "pick", "extract")
+    return len({container_for("conveyor")} | {spa_tool_container(s) for s in stages}) == 1
+
+
+def spa_movie_input():
+    """The raw movie of a {mic} job: the plain pattern DIR/{mic}.EXT when every movie is such
+    a file (no function call per job while the DAG is built), else a function of the
+    wildcards (always for simulated data, which exist only after the simulation)."""
+    by_name = lambda wc: spa_movies()[wc.mic]
+    if not config.get("spa") or SIM.get("spa"):
+        return by_name
+    movies = spa_movies()
+    name, path = next(iter(movies.items()))
+    ext = Path(path).suffix
+    prefix = path[: len(path) - len(name) - len(ext)]
+    if "{" in prefix + ext or "}" in prefix + ext:
+        return by_name
+    if any(p != f"{prefix}{n}{ext}" for n, p in movies.items()):
+        return by_name
+    return f"{prefix}{{mic}}{ext}"
+
+
+def spa_conveyor_cpu(wildcards, threads, resources):
+    """conveyor_cmd of a step that stays on the CPU (picking, extraction), also inside a
+    per-movie job that was given a GPU for motion correction and CTF."""
+    return conveyor_cmd(wildcards, threads, {})
+
+
+def spa_step_command(step, **files):
+    """One per-movie SPA step's command line after `conveyor [--device X]`.
+
+    The configured tool (spa.<stage>.tool), options and extra flags are filled in here, once
+    when the workflow is parsed; `files` are the rule's shell placeholders (such as
+    '{input.movie:q}') for the step's files. The one-job rule and the per-step rules build
+    their commands from this, so both run the same command lines.
+    """
+    spa = config["spa"]
+
+    def literal(text):  # a config value inside a shell template: braces kept as they are
+        return str(text).replace("{", "{{").replace("}", "}}")
+
+    def tail(stage, opts):
+        extra = (spa.get(stage) or {}).get("extra") or ""
+        return literal(f"{opts} {extra}".rstrip())
+
+    f = files
+    if step == "validate":
+        frames = f" --frames {spa['frames']}" if spa["frames"] else ""
+        return f"io validate-movie {f['movie']}{frames} --pixel-size {spa['pixel_size']} --out {f['record']}"
+    if step == "motion":
+        return (
+            f"{literal(spa_tool('motion'))} {f['movie']} {tail('motion', spa_motion_opts())}"
+            f" --out-sum {f['dw']} --out-sum-nodw {f['nodw']} --out-shifts {f['shifts']} --out-plot {f['plot']}"
+        )
+    if step == "ctf":
+        return (
+            f"{literal(spa_tool('ctf'))} {f['nodw']} {tail('ctf', spa_ctf_opts())} --micrograph-name {f['dw']}"
+            f" --out-star {f['star']} --out-diag {f['diag']}"
+        )
+    if step == "pick":
+        return f"{literal(spa_tool('pick'))} {f['dw']} {tail('pick', spa_pick_opts())} --out-star {f['star']} --out-png {f['png']}"
+    if step == "extract":
+        return (
+            f"{literal(spa_tool('extract'))} {f['dw']} --coords {f['coords']} --ctf {f['ctf']} --bin {f['bin']}"
+            f" {tail('extract', spa_extract_opts())} --out-stack {f['stack']} --out-star {f['star']}"
+        )
+    raise ValueError(f"unknown SPA step {step!r}")
 
 
 # --- class selection: checkpoints that pause for the user ------------------------------

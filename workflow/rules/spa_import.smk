@@ -1,25 +1,28 @@
 # SPA input: validate every raw movie (one job per movie), then list them in movies.star.
 
 
-rule spa_validate_movie:
-    input:
-        movie=lambda wc: spa_movies()[wc.mic],
-    output:
-        record=f"{RESULTS}/spa/movies/{{mic}}.json",
-    log:
-        f"{LOGS}/spa_validate_movie/{{mic}}.log",
-    params:
-        frames=lambda wc: f"--frames {config['spa']['frames']}" if config["spa"]["frames"] else "",
-        pixel_size=config["spa"]["pixel_size"] if config.get("spa") else 0,
-    threads: 1
-    resources:
-        mem_mb=lambda wc, attempt: 2000 * attempt,
-        runtime=10,
-    container:
-        container_for("conveyor")
-    shell:
-        "conveyor io validate-movie {input.movie:q} {params.frames}"
-        " --pixel-size {params.pixel_size} --out {output.record:q} > {log:q} 2>&1"
+# (With the native tools the validation is the first step of the per-movie job
+# spa_preprocess_movie, in spa_preprocess.smk; this rule exists when the steps are separate
+# jobs, see spa_one_job in common.smk.)
+if config.get("spa") and not spa_one_job():
+
+    rule spa_validate_movie:
+        input:
+            movie=spa_movie_input(),
+        output:
+            record=f"{RESULTS}/spa/movies/{{mic}}.json",
+        log:
+            f"{LOGS}/spa_validate_movie/{{mic}}.log",
+        threads: 1
+        resources:
+            mem_mb=lambda wc, attempt: 2000 * attempt,
+            runtime=10,
+        container:
+            container_for("conveyor")
+        shell:
+            "conveyor "
+            + spa_step_command("validate", movie="{input.movie:q}", record="{output.record:q}")
+            + " > {log:q} 2>&1"
 
 
 rule spa_movies_star:
