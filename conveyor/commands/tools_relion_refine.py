@@ -124,10 +124,12 @@ def register(group) -> None:
     p.add_argument("--iterations", type=int, default=120,
                    help="SGD iterations, split 1:4:1 into --sgd_ini_iter/--sgd_inbetween_iter/--sgd_fin_iter")
     p.add_argument("--em-iterations", type=int, default=3, help=IGNORED)
-    p.add_argument("--batch", default="100,300", help="mini-batch size, or first,last (--sgd_ini_subset/--sgd_fin_subset)")
+    p.add_argument("--batch", default="100,300",
+                   help="mini-batch size, or first,last (--sgd_ini_subset/--sgd_fin_subset)")
     p.add_argument("--initial-resolution", type=float, default=None,
                    help="Å, --sgd_ini_resol (default max(40, 2 × final))")
-    p.add_argument("--final-resolution", type=float, default=None, help="Å, --sgd_fin_resol (default max(20, 4 × pixel))")
+    p.add_argument("--final-resolution", type=float, default=None,
+                   help="Å, --sgd_fin_resol (default max(20, 4 × pixel))")
     p.add_argument("--angular-step", type=float, default=15.0, help="degrees, nearest --healpix_order (default 15: 2)")
     p.add_argument("--max-shift", type=float, default=2.0, help="px, --offset_range (default 2)")
     p.add_argument("--max-particles", type=int, default=None, help="use a random subset of this many particles")

@@ -139,7 +139,8 @@ def prepare_particles(star, *, max_particles=None, seed: int = 0, extra_labels=(
     table = table.reset_index(drop=True)
     joined = join_optics(table, optics, star)
     if "rlnImagePixelSize" not in joined.columns:
-        raise InputError(star, "no rlnImagePixelSize in data_optics", "pass the particle STAR file written by extraction")
+        raise InputError(star, "no rlnImagePixelSize in data_optics",
+                         "pass the particle STAR file written by extraction")
     ps_all = pd.to_numeric(joined["rlnImagePixelSize"], errors="coerce").to_numpy(float)
     if not np.isfinite(ps_all).all() or (ps_all <= 0).any():
         raise InputError(star, "rlnImagePixelSize must be a positive number", "fix data_optics")
@@ -181,7 +182,8 @@ def prepare_particles(star, *, max_particles=None, seed: int = 0, extra_labels=(
     if has_ctf:
         for lab, fix in (("rlnVoltage", "kV"), ("rlnSphericalAberration", "mm"), ("rlnAmplitudeContrast", "")):
             if lab not in joined.columns:
-                raise InputError(star, f"has CTF columns but no {lab}", f"add {lab} ({fix}) to data_optics".replace(" ()", ""))
+                raise InputError(star, f"has CTF columns but no {lab}",
+                                 f"add {lab} ({fix}) to data_optics".replace(" ()", ""))
     return ParticleSet(source=star, table=table, optics=opt, relion=rel, pixel_size=float(ps_all[0]), box=box,
                        has_ctf=has_ctf)
 
@@ -211,7 +213,8 @@ def _general(blocks: dict, name: str) -> dict:
 def _particles_block(blocks: dict, path, source) -> pd.DataFrame:
     t = blocks.get("particles", blocks.get("images"))
     if t is None:
-        raise ToolError(source, f"RELION's {path} has no data_particles block", "check the RELION version (3.1 is expected)")
+        raise ToolError(source, f"RELION's {path} has no data_particles block",
+                        "check the RELION version (3.1 is expected)")
     return t
 
 
@@ -859,20 +862,21 @@ def run_postprocess(half1, half2, out_dir, *, mask=None, reference=None, bfactor
     from ..io.mrc import read_mrc, write_mrc  # noqa: PLC0415
     from ..spa.postprocess import hand_check, write_postprocess  # noqa: PLC0415
 
-    h1, ps = load_map(half1, pixel_size, None, "half map 1") if pixel_size else load_map(half1, None, None, "half map 1")
+    h1, ps = load_map(half1, pixel_size or None, None, "half map 1")
     h2, _ = load_map(half2, ps, h1.shape[0], "half map 2")
     n = h1.shape[0]
     if bfactor != "auto":
         try:
             bfactor = float(bfactor)
         except (TypeError, ValueError):
-            raise InputError("--bfactor", f"not a number: {bfactor!r}", "use auto or a value in Å² (negative sharpens)") \
-                from None
+            raise InputError("--bfactor", f"not a number: {bfactor!r}",
+                             "use auto or a value in Å² (negative sharpens)") from None
     m = None
     if mask is not None:
         m, _ = read_mrc(mask)
         if m.shape != h1.shape:
-            raise InputError(mask, f"mask has shape {m.shape}, the half maps {h1.shape}", "give a mask on the same grid")
+            raise InputError(mask, f"mask has shape {m.shape}, the half maps {h1.shape}",
+                             "give a mask on the same grid")
         if float(m.min()) < -1e-3 or float(m.max()) > 1.0 + 1e-3 or float(m.max()) <= 0:
             raise InputError(mask, "mask values must lie in [0, 1] and not all be 0", "give a soft mask from 0 to 1")
     exe = relion_exe("relion_postprocess", relion_bin)

@@ -133,7 +133,8 @@ def test_command_lines():
     im = " ".join(R.initial_model_command("relion_refine", iterations=120, particle_diameter=150, symmetry="D3",
                                           initial_resolution=40, final_resolution=20, batch=(100, 300),
                                           angular_step=15, max_shift=2, ctf=True, threads=2, seed=3))
-    for part in ("--sgd --denovo_3dref --sgd_ini_iter 20 --sgd_inbetween_iter 80 --sgd_fin_iter 20 --sgd_write_iter 120",
+    for part in ("--sgd --denovo_3dref --sgd_ini_iter 20 --sgd_inbetween_iter 80 --sgd_fin_iter 20",
+                 "--sgd_write_iter 120",
                  "--sgd_ini_resol 40 --sgd_fin_resol 20 --sgd_ini_subset 100 --sgd_fin_subset 300",
                  "--sym D3", "--healpix_order 2 --offset_range 2", "--j 2 --random_seed 4"):
         assert part in im, part
@@ -154,7 +155,8 @@ def test_command_lines():
     assert "--K 3" in c3 and "--iter 10" in c3 and "--ctf" not in c3 and "--auto_refine" not in c3
     pp = " ".join(R.postprocess_command("relion_postprocess", half1="a.mrc", half2="b.mrc", pixel_size=1.2,
                                         mask="mask.mrc", bfactor=-100.0))
-    assert pp.endswith("--i a.mrc --i2 b.mrc --o PostProcess/postprocess --angpix 1.2 --mask mask.mrc --adhoc_bfac -100")
+    assert pp.endswith("--i a.mrc --i2 b.mrc --o PostProcess/postprocess --angpix 1.2 --mask mask.mrc "
+                       "--adhoc_bfac -100")
     pp = " ".join(R.postprocess_command("relion_postprocess", half1="a.mrc", half2="b.mrc", pixel_size=1.2,
                                         mask="mask.mrc", bfactor="auto", auto_mask_threshold=0.01))
     assert "--auto_mask --inimask_threshold 0.01 --auto_bfac --autob_lowres 10" in pp
@@ -320,7 +322,8 @@ def test_relion_postprocess_of_blurred_noisy_half_maps(tmp_path):
         write_mrc(tmp_path / f"h{h}.mrc", blurred + rng.normal(0, sd, truth.shape).astype(np.float32), pixel)
     write_mrc(tmp_path / "truth.mrc", truth, pixel)
     out = tmp_path / "post"
-    assert main(["tools", "relion-postprocess", "--half1", str(tmp_path / "h1.mrc"), "--half2", str(tmp_path / "h2.mrc"),
+    assert main(["tools", "relion-postprocess", "--half1", str(tmp_path / "h1.mrc"), "--half2",
+                 str(tmp_path / "h2.mrc"),
                  "--out-dir", str(out), "--particle-diameter", str(1.1 * diameter), "--reference",
                  str(tmp_path / "truth.mrc")]) == 0
     for name in ("postprocess.mrc", "postprocess_masked.mrc", "postprocess.star", "fsc.png", "slices.png",
@@ -345,7 +348,8 @@ def test_relion_postprocess_of_blurred_noisy_half_maps(tmp_path):
     assert summary["map_bfactor_A2"] == pytest.approx(-b_truth + 150.0, rel=0.35)
     assert resolution_at(fsc(sharp, truth), 0.5, pixel) <= resolution_at(fsc(avg, truth), 0.5, pixel) + 0.1
     # a given B-factor is applied as given
-    assert main(["tools", "relion-postprocess", "--half1", str(tmp_path / "h1.mrc"), "--half2", str(tmp_path / "h2.mrc"),
+    assert main(["tools", "relion-postprocess", "--half1", str(tmp_path / "h1.mrc"), "--half2",
+                 str(tmp_path / "h2.mrc"),
                  "--out-dir", str(tmp_path / "adhoc"), "--mask", str(out / "mask.mrc"), "--bfactor", "-50"]) == 0
     s2 = json.loads((tmp_path / "adhoc" / "postprocess.json").read_text())
     assert s2["bfactor_applied_A2"] == pytest.approx(-50.0) and s2["mask"] == "given"
