@@ -75,7 +75,7 @@ def _postprocess(args) -> int:
     res = run_postprocess(args.half1, args.half2, args.out_dir, mask=args.mask, reference=args.reference,
                           bfactor=args.bfactor, autob_lowres=args.autob_lowres, mask_threshold=args.mask_threshold,
                           particle_diameter=args.particle_diameter, pixel_size=args.pixel_size,
-                          relion_bin=args.relion_bin, work_dir=args.work_dir)
+                          threads=args.threads, relion_bin=args.relion_bin, work_dir=args.work_dir)
     msg = (f"{args.out_dir}: resolution {res.resolution:.2f} Å (corrected masked FSC 0.143, RELION 3.1), "
            f"B-factor applied {res.bfactor:.0f} Å²")
     if res.hand:
@@ -170,8 +170,9 @@ def register(group) -> None:
         description="Run relion_postprocess (RELION 3.1) on two half maps with the options of `conveyor spa "
         "postprocess` and write its files: postprocess.mrc, postprocess_masked.mrc, postprocess.star, fsc.png, "
         "slices.png, postprocess.json and, when the mask is made here, mask.mrc. Mask: --mask; else with "
-        "--mask-threshold RELION's --auto_mask at that density; else a soft sphere of --particle-diameter "
-        "(0.75 × the box without it).")
+        "--mask-threshold relion_mask_create at that density of the mean half map (low-pass 15 Å, extended "
+        "6 Å, soft edge 9 Å, as the native automatic mask); else a soft sphere of --particle-diameter (0.75 × "
+        "the box without it).")
     p.add_argument("--half1", required=True, help="unfiltered half map 1 (.mrc)")
     p.add_argument("--half2", required=True, help="unfiltered half map 2 (.mrc)")
     p.add_argument("--out-dir", required=True, help="output folder")
@@ -180,8 +181,8 @@ def register(group) -> None:
     p.add_argument("--bfactor", default="auto", help="auto (--auto_bfac) or a value in Å² (--adhoc_bfac)")
     p.add_argument("--autob-lowres", type=float, default=10.0, help="Å, --autob_lowres (default 10)")
     p.add_argument("--mask-threshold", type=float, default=None,
-                   help="density threshold for RELION's --auto_mask (--inimask_threshold)")
+                   help="density threshold of the mask made with relion_mask_create (--ini_threshold)")
     p.add_argument("--particle-diameter", type=float, default=None, help="Å, diameter of the spherical mask")
     p.add_argument("--pixel-size", type=float, default=None, help="Å/px (--angpix; default: the half maps' header)")
-    _common(p, "accepted for the other RELION adapters' flags; relion_postprocess is single-threaded")
+    _common(p, "threads of relion_mask_create (--j); relion_postprocess is single-threaded")
     p.set_defaults(func=_postprocess)

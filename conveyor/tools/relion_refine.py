@@ -670,7 +670,7 @@ def run_refine3d(particles, reference, out_dir, *, particle_diameter: float, sym
     if finest_step is not None:
         log.info("RELION's auto-refinement chooses its finest sampling itself: --finest-step ignored")
     out = Path(out_dir)
-    proj = Path(work_dir) if work_dir is not None else out / "relion"
+    proj = (Path(work_dir) if work_dir is not None else out / "relion").resolve()
     job = "Class3D" if classes > 1 else "Refine3D"
     previous = _last_optimiser(proj / job)
     if previous and not resume:
@@ -684,11 +684,17 @@ def run_refine3d(particles, reference, out_dir, *, particle_diameter: float, sym
         if not set(sub.dropna().unique()) <= {1, 2} or sub.isna().any() or sub.nunique() < 2:
             ps.relion = ps.relion.drop(columns=["rlnRandomSubset"])
     proj.mkdir(parents=True, exist_ok=True)
-    proj = proj.resolve()
     (proj / job).mkdir(exist_ok=True)
     cont = None
     if resume and previous:
         cont = str(previous[1].relative_to(proj))
+        sent = proj / "particles.star"
+        if sent.exists():  # RELION continues with the particles it was first given: match its names
+            from ..io.star import read_particles  # noqa: PLC0415
+
+            first, _ = read_particles(sent)
+            if len(first) == len(ps.relion):
+                ps.relion["rlnImageName"] = first["rlnImageName"].to_numpy()
     else:
         ref, _ = load_map(reference, ps.pixel_size, ps.box, "reference")
         write_mrc(proj / "reference.mrc", ref, ps.pixel_size)
@@ -816,23 +822,35 @@ def _refine3d_outputs(folder: Path, out: Path, ps: ParticleSet, symmetry: str, s
 
 # --------------------------------------------------------------------------- post-processing
 def postprocess_command(exe: str, *, half1: str, half2: str, pixel_size: float, mask: str, bfactor,
-                        autob_lowres: float = 10.0, auto_mask_threshold: float | None = None) -> list[str]:
+                        autob_lowres: float = 10.0) -> list[str]:
     """The RELION 3.1 post-processing command (in the project directory)::
 
         relion_postprocess --i half1.mrc --i2 half2.mrc --o PostProcess/postprocess --angpix A
-            (--mask mask.mrc | --auto_mask --inimask_threshold T)
-            (--auto_bfac --autob_lowres 10 | --adhoc_bfac B)
+            --mask mask.mrc (--auto_bfac --autob_lowres 10 | --adhoc_bfac B)
     """
-    cmd = [exe, "--i", half1, "--i2", half2, "--o", "PostProcess/postprocess", "--angpix", _f(pixel_size)]
-    if auto_mask_threshold is not None:
-        cmd += ["--auto_mask", "--inimask_threshold", _f(auto_mask_threshold)]
-    else:
-        cmd += ["--mask", mask]
+    cmd = [exe, "--i", half1, "--i2", half2, "--o", "PostProcess/postprocess", "--angpix", _f(pixel_size),
+           "--mask", mask]
     if bfactor == "auto":
         cmd += ["--auto_bfac", "--autob_lowres", _f(autob_lowres)]
     else:
         cmd += ["--adhoc_bfac", _f(bfactor)]
     return cmd
+
+
+def mask_create_command(exe: str, *, average: str, out: str, pixel_size: float, threshold: float,
+                        lowpass: float = 15.0, extend: float = 6.0, soft_edge: float = 9.0,
+                        threads: int = 1) -> list[str]:
+    """RELION's thresholded mask (RELION 3.1's relion_postprocess has no automatic mask)::
+
+        relion_mask_create --i average.mrc --o mask.mrc --ini_threshold T --lowpass 15 --angpix A
+            --extend_inimask E --width_soft_edge W --j T
+
+    with the native automatic mask's low-pass (15 Å), extension (6 Å) and soft edge (9 Å)
+    converted to px.
+    """
+    return [exe, "--i", average, "--o", out, "--ini_threshold", _f(threshold), "--lowpass", _f(lowpass),
+            "--angpix", _f(pixel_size), "--extend_inimask", str(int(round(extend / pixel_size))),
+            "--width_soft_edge", str(max(1, int(round(soft_edge / pixel_size)))), "--j", str(max(1, int(threads)))]
 
 
 def sphere_mask(box: int, pixel_size: float, particle_diameter: float | None):
@@ -846,14 +864,15 @@ def sphere_mask(box: int, pixel_size: float, particle_diameter: float | None):
 
 def run_postprocess(half1, half2, out_dir, *, mask=None, reference=None, bfactor="auto", autob_lowres: float = 10.0,
                     mask_threshold: float | None = None, particle_diameter: float | None = None,
-                    pixel_size: float | None = None, relion_bin=None, work_dir=None):
+                    pixel_size: float | None = None, threads: int = 1, relion_bin=None, work_dir=None):
     """Post-process two half maps with ``relion_postprocess``; writes ``conveyor spa postprocess``'s files.
 
     ``postprocess.mrc``, ``postprocess_masked.mrc``, ``postprocess.star`` (general, fsc,
     guinier), ``fsc.png``, ``slices.png``, ``postprocess.json`` and, when the mask was made
-    here, ``mask.mrc``. Mask: ``mask`` as given; else with ``mask_threshold`` RELION's
-    ``--auto_mask`` at that density; else a soft sphere of ``particle_diameter``
-    (:func:`sphere_mask`). ``reference`` (validation) adds the hand check of
+    here, ``mask.mrc``. Mask: ``mask`` as given; else with ``mask_threshold``
+    ``relion_mask_create`` at that density of the mean of the half maps
+    (:func:`mask_create_command`); else a soft sphere of ``particle_diameter``
+    (:func:`sphere_mask`). ``threads`` go to ``relion_mask_create``. ``reference`` (validation) adds the hand check of
     :func:`conveyor.spa.postprocess.hand_check` on the average of the half maps.
 
     Returns the :class:`~conveyor.spa.postprocess.PostprocessResult`.
@@ -884,25 +903,28 @@ def run_postprocess(half1, half2, out_dir, *, mask=None, reference=None, bfactor
     with _project(work_dir, out / "postprocess.star", "conveyor-relion-postprocess") as proj:
         write_mrc(proj / "half1.mrc", h1, ps)
         write_mrc(proj / "half2.mrc", h2, ps)
-        if m is None and mask_threshold is None:
-            m = sphere_mask(n, ps, particle_diameter)
-        if m is not None:
+        if m is None and mask_threshold is not None:
+            write_mrc(proj / "average.mrc", 0.5 * (h1 + h2), ps)
+            cmd = mask_create_command(relion_exe("relion_mask_create", relion_bin), average="average.mrc",
+                                      out="mask.mrc", pixel_size=ps, threshold=mask_threshold, threads=threads)
+            run_tool(cmd, tool="relion_mask_create", input_path=half1, cwd=proj, log_path=proj / "relion_mask.log",
+                     expect=[proj / "mask.mrc"])
+            m, _ = read_mrc(proj / "mask.mrc")
+            if float(m.max()) <= 0:
+                raise InputError("--mask-threshold", f"no density of the mean half map lies above {mask_threshold:g}",
+                                 "lower --mask-threshold, or pass --mask or --particle-diameter")
+        else:
+            if m is None:
+                m = sphere_mask(n, ps, particle_diameter)
             write_mrc(proj / "mask.mrc", m.astype(np.float32), ps)
         (proj / "PostProcess").mkdir(exist_ok=True)
         cmd = postprocess_command(exe, half1="half1.mrc", half2="half2.mrc", pixel_size=ps, mask="mask.mrc",
-                                  bfactor=bfactor, autob_lowres=autob_lowres,
-                                  auto_mask_threshold=mask_threshold if m is None else None)
+                                  bfactor=bfactor, autob_lowres=autob_lowres)
         pp = proj / "PostProcess"
         run_tool(cmd, tool="relion_postprocess", input_path=half1, cwd=proj, log_path=proj / "relion.log",
                  expect=[pp / "postprocess.mrc", pp / "postprocess_masked.mrc", pp / "postprocess.star"])
         sharp, _ = read_mrc(pp / "postprocess.mrc")
         sharp_masked, _ = read_mrc(pp / "postprocess_masked.mrc")
-        if m is None:
-            auto = pp / "postprocess_automask.mrc"
-            if not auto.exists():
-                raise ToolError(half1, "relion_postprocess --auto_mask wrote no postprocess_automask.mrc",
-                                "check relion.log in the kept work directory", log_path=proj / "relion.log")
-            m, _ = read_mrc(auto)
         blocks = _read(pp / "postprocess.star", half1)
     res = _postprocess_result(blocks, sharp, sharp_masked, h1, h2, m, ps, mask_auto=mask is None, bfactor=bfactor,
                               autob_lowres=autob_lowres, source=half1)

@@ -158,8 +158,12 @@ def test_command_lines():
     assert pp.endswith("--i a.mrc --i2 b.mrc --o PostProcess/postprocess --angpix 1.2 --mask mask.mrc "
                        "--adhoc_bfac -100")
     pp = " ".join(R.postprocess_command("relion_postprocess", half1="a.mrc", half2="b.mrc", pixel_size=1.2,
-                                        mask="mask.mrc", bfactor="auto", auto_mask_threshold=0.01))
-    assert "--auto_mask --inimask_threshold 0.01 --auto_bfac --autob_lowres 10" in pp
+                                        mask="mask.mrc", bfactor="auto"))
+    assert pp.endswith("--mask mask.mrc --auto_bfac --autob_lowres 10")
+    mc = " ".join(R.mask_create_command("relion_mask_create", average="avg.mrc", out="mask.mrc", pixel_size=1.5,
+                                        threshold=0.01, threads=2))
+    assert mc == ("relion_mask_create --i avg.mrc --o mask.mrc --ini_threshold 0.01 --lowpass 15 --angpix 1.5 "
+                  "--extend_inimask 4 --width_soft_edge 6 --j 2")
     env = R.mpi_env()
     assert env["OMPI_MCA_rmaps_base_oversubscribe"] == "1"
     with pytest.raises(InputError, match="at least 3 MPI"):
@@ -354,3 +358,10 @@ def test_relion_postprocess_of_blurred_noisy_half_maps(tmp_path):
     s2 = json.loads((tmp_path / "adhoc" / "postprocess.json").read_text())
     assert s2["bfactor_applied_A2"] == pytest.approx(-50.0) and s2["mask"] == "given"
     assert not (tmp_path / "adhoc" / "mask.mrc").exists()
+    # a thresholded mask made by relion_mask_create covers the particle and not the box
+    assert main(["tools", "relion-postprocess", "--half1", str(tmp_path / "h1.mrc"), "--half2",
+                 str(tmp_path / "h2.mrc"), "--out-dir", str(tmp_path / "thr"),
+                 "--mask-threshold", f"{0.2 * float(avg.max()):.4f}"]) == 0
+    m3, _ = read_mrc(tmp_path / "thr" / "mask.mrc")
+    strong = truth > 0.2 * truth.max()
+    assert float((m3 * strong).sum()) >= 0.99 * strong.sum() and m3.mean() < 0.4
