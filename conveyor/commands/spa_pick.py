@@ -79,7 +79,8 @@ def _pick(args) -> int:
     write_star(args.out_star, picks_to_star(picks, name))
     cand = details.candidates
     junk = int((~cand["status"].isin(["picked", "below_threshold"])).sum()) if len(cand) else 0
-    print(f"{args.out_star}: {len(picks)} particles (threshold {details.threshold:.2f}, {junk} junk candidates rejected, bin {details.bin_factor})")
+    print(f"{args.out_star}: {len(picks)} particles (threshold {details.threshold:.2f}, ~{details.expected_false:.1f} of them "
+          f"expected from noise, {junk} junk candidates rejected, bin {details.bin_factor})")
     return 0
 
 
@@ -101,7 +102,9 @@ def register(group) -> None:
     p.add_argument("--template-pixel-size", type=float, default=None, help="Å/px of the templates (default: header)")
     p.add_argument("--template-dark", action="store_true", help="the templates have protein dark")
     p.add_argument("--angle-step", type=float, default=10.0, help="in-plane rotation step of template matching, degrees")
-    p.add_argument("--threshold", default="auto", help="'auto' or a score threshold in robust sigmas of the score map")
+    p.add_argument("--threshold", default="auto",
+                   help="'auto' (the lowest score at which at most 10%% of the picks are expected to be noise) "
+                   "or a score threshold in robust sigmas of the score map")
     p.add_argument("--min-distance", type=float, default=None, help="minimum distance between picks, Å (default 0.8 × diameter)")
     p.add_argument("--edge", type=float, default=None, help="exclusion at the borders, px (default: half the extraction box)")
     p.add_argument("--max-picks", type=int, default=None, help="keep at most this many best picks")

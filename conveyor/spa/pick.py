@@ -7,9 +7,10 @@ particle centres, and then share one post-processing chain:
 1. local maxima, greedy non-maximum suppression at ``min_distance`` (default: 0.8 × the
    particle diameter) and exclusion of positions closer than ``edge`` to the border (default: half
    the extraction box, so every pick can be extracted);
-2. a threshold on the score (``"auto"``: Otsu's split of the log-scores of the candidates,
-   never below a noise floor; or a number in units of the score map's robust standard
-   deviation, which is also what rlnAutopickFigureOfMerit reports);
+2. a threshold on the score (``"auto"``: the lowest score at which at most 10 % of the picks
+   are expected to be noise, from the number of local maxima white noise at the
+   micrograph's level gives above each score; or a number in units of the score map's
+   robust standard deviation, which is also what rlnAutopickFigureOfMerit reports);
 3. rejection of ice, carbon and aggregates from local statistics in a particle-sized disk
    compared with the accepted population and the whole micrograph (see :class:`JunkFilter`).
 
@@ -83,23 +84,6 @@ def _robust(values):
     if not sig > 0:
         sig = float(xp.std(v)) or 1.0
     return med, sig
-
-
-def otsu_threshold(values, bins: int = 256) -> float:
-    """Otsu's threshold (maximum between-class variance) of a 1D sample."""
-    v = np.asarray(values, dtype=float)
-    v = v[np.isfinite(v)]
-    if v.size < 2 or v.min() == v.max():
-        return float(v.min()) if v.size else 0.0
-    hist, edges = np.histogram(v, bins=bins)
-    centres = 0.5 * (edges[1:] + edges[:-1])
-    w0 = np.cumsum(hist)
-    w1 = w0[-1] - w0
-    m0 = np.cumsum(hist * centres)
-    mu0 = m0 / np.maximum(w0, 1)
-    mu1 = (m0[-1] - m0) / np.maximum(w1, 1)
-    between = w0 * w1 * (mu0 - mu1) ** 2
-    return float(edges[1:][np.argmax(between[:-1])])
 
 
 def greedy_nms(xy, score, min_distance: float):
@@ -193,7 +177,11 @@ class PickDetails:
         Score threshold applied (units of the score map's robust sigma).
     noise_sd : float
         Standard deviation of the score for pure white noise at the micrograph's noise level,
-        in the same units (the automatic threshold is at least ``NOISE_FLOOR_K`` times this).
+        in the same units.
+    expected_false : float
+        Local maxima that white noise at the micrograph's level is expected to give above the
+        threshold in the usable area, i.e. the expected number of noise picks (see
+        :func:`auto_threshold`).
     candidates : pandas.DataFrame
         Every candidate after non-maximum suppression, with columns ``x, y`` (input px),
         ``score``, the junk features and ``status`` (``picked``, ``below_threshold`` or the
@@ -207,6 +195,41 @@ class PickDetails:
     threshold: float
     noise_sd: float
     candidates: pd.DataFrame = field(default_factory=pd.DataFrame)
+    expected_false: float = float("nan")
+
+
+@dataclass
+class ScoreNoise:
+    """What white pixel noise does to a score map: the basis of the automatic threshold.
+
+    Attributes
+    ----------
+    sd : float
+        Standard deviation of the score for white noise at the micrograph's noise level
+        (units of the score map).
+    density : float
+        ``λ = var(∂S/∂x) / var(S)`` of that noise score, 1/binned px² (isotropic filters):
+        how densely its local maxima are packed.
+    fields : int
+        Number of score maps whose maximum is taken (1 for the LoG; templates × rotations in
+        template matching, counted as independent, which over-estimates their false maxima).
+    """
+
+    sd: float
+    density: float
+    fields: int = 1
+
+    def expected_maxima(self, u, area: float):
+        """Expected local maxima of the white-noise score above ``u`` (units of ``sd``) in ``area`` binned px².
+
+        The expected Euler characteristic of the excursion set of a smooth Gaussian random
+        field (Adler 1981; Worsley et al. 1996), which at high levels counts its local maxima:
+        ``area · λ / (2π)^{3/2} · u · exp(-u²/2)`` per field (``u`` is clamped at 1, below
+        which the count is no longer a count of maxima).
+        """
+        c = max(area, 1.0) * max(self.density, 0.0) * max(self.fields, 1) / (2.0 * math.pi) ** 1.5
+        u = np.maximum(np.asarray(u, dtype=float), 1.0)
+        return c * u * np.exp(-0.5 * u * u)
 
 
 # --------------------------------------------------------------------------- shared core
@@ -250,15 +273,26 @@ class _Prepared:
         npx = self.padded.size
         self.noise_sd = float(xp.sqrt(xp.mean(xp.abs(self.ft[band]) ** 2) / npx))
 
-    def noise_response_sd(self, transfer):
-        """Standard deviation of white pixel noise after filtering with ``transfer`` (rfft2 layout)."""
+    def _power(self, transfer):
+        """``|transfer|²`` on the rfft2 grid, each column weighted by how often it occurs in the full plane."""
         xp = self.xp
         w = xp.full(self.k2.shape[-1], 2.0, dtype=xp.float32)
         w[0] = 1.0
         if self.padded.shape[-1] % 2 == 0:
             w[-1] = 1.0
-        h2 = xp.abs(transfer) ** 2 * w[None, :]
-        return self.noise_sd * math.sqrt(float(h2.sum()) / self.padded.size)
+        return xp.abs(transfer) ** 2 * w[None, :]
+
+    def noise_response_sd(self, transfer):
+        """Standard deviation of white pixel noise after filtering with ``transfer`` (rfft2 layout)."""
+        return self.noise_sd * math.sqrt(float(self._power(transfer).sum()) / self.padded.size)
+
+    def noise_stats(self, transfer) -> ScoreNoise:
+        """:class:`ScoreNoise` of the score ``filtered(transfer)`` for white pixel noise."""
+        h2 = self._power(transfer)
+        p0 = float(h2.sum())
+        # variance of the derivative along x (= along y for an isotropic filter): (2π)² <k²> / 2
+        p2 = float((h2 * self.k2).sum()) * (2.0 * np.pi) ** 2 / 2.0
+        return ScoreNoise(self.noise_sd * math.sqrt(p0 / self.padded.size), p2 / p0 if p0 > 0 else 0.0)
 
     def filtered(self, transfer):
         """Apply an rfft2-layout transfer function to the padded image; return the unpadded result."""
@@ -400,7 +434,21 @@ def _classify_junk(feats: pd.DataFrame, refs: dict, ok: np.ndarray, jf: JunkFilt
     return reason
 
 
-def _finish(prep: _Prepared, score, noise_sd: float, *, min_distance_px, edge_px, threshold, junk, max_picks, extra=None):
+def _free_area(valid, xb, yb, radius: float) -> float:
+    """Pixels of the boolean mask ``valid`` (host) farther than ``radius`` from every point ``(xb, yb)``."""
+    free = valid.copy()
+    r = int(math.ceil(radius))
+    dy, dx = np.mgrid[-r : r + 1, -r : r + 1]
+    disk = dx * dx + dy * dy < radius * radius
+    ny, nx = free.shape
+    for x, y in zip(np.rint(xb).astype(int), np.rint(yb).astype(int)):
+        y0, y1, x0, x1 = max(y - r, 0), min(y + r + 1, ny), max(x - r, 0), min(x + r + 1, nx)
+        if y1 > y0 and x1 > x0:
+            free[y0:y1, x0:x1] &= ~disk[y0 - y + r : y1 - y + r, x0 - x + r : x1 - x + r]
+    return float(free.sum())
+
+
+def _finish(prep: _Prepared, score, noise: ScoreNoise, *, min_distance_px, edge_px, threshold, junk, max_picks, extra=None):
     """Peaks, NMS, threshold and junk rejection on a score map (binned grid); returns (picks, details)."""
     xp = prep.xp
     b = prep.b
@@ -422,29 +470,40 @@ def _finish(prep: _Prepared, score, noise_sd: float, *, min_distance_px, edge_px
     if extra is not None:
         for name, arr in extra.items():
             cand[name] = backend.to_host(arr[xp.asarray(iy), xp.asarray(ix)])
-    noise_z = noise_sd / sig
-    floor = max(NOISE_FLOOR_K * noise_z, MIN_FLOOR)
+    noise_z = noise.sd / sig
+
+    def u_of(z_levels):  # score levels in z units -> units of the white-noise sd
+        return (np.asarray(z_levels, dtype=float) * sig + med) / noise.sd
+
+    # noise maxima survive non-maximum suppression only away from stronger candidates: the
+    # area left to them excludes the suppression disks of the candidates that noise cannot
+    # explain (fewer than one noise maximum expected above them in the whole usable area)
+    valid_host = backend.to_host(valid)
+    sure = noise.expected_maxima(u_of(sc), float(valid_host.sum())) <= 1.0
+    area = _free_area(valid_host, xb[sure], yb[sure], md_b)
+
+    def expected_false(z_levels):  # white-noise maxima expected above score levels given in z units
+        return noise.expected_maxima(u_of(z_levels), area)
+
     auto = isinstance(threshold, str)
     if auto and threshold != "auto":
         raise InputError("--threshold", f"unknown threshold {threshold!r}", "use 'auto' or a number (robust sigmas of the score map)")
-    thr = floor if auto else float(threshold)
+    thr = auto_threshold(sc, expected_false) if auto else float(threshold)
     reason = np.array([""] * len(cand), dtype=object)
     if junk is not None and len(cand):
         feats, refs = _junk_features(prep, iy, ix)
         cand = pd.concat([cand, feats], axis=1)
         # junk first, judged against everything above the first threshold; then the automatic
-        # threshold on what is left (so strong junk does not drag it up); then junk again
-        # against the final population
+        # threshold on what is left (junk is signal too, and would count as discoveries); then
+        # junk again against the final population
         reason = _classify_junk(cand, refs, sc >= thr, junk)
         for _ in range(JUNK_ITERATIONS):
             if auto:
-                thr = auto_threshold(sc[reason == ""], floor=floor)
+                thr = auto_threshold(sc[reason == ""], expected_false)
             new = _classify_junk(cand, refs, (sc >= thr) & (reason == ""), junk)
             if (new == reason).all():
                 break
             reason = new
-    elif auto:
-        thr = auto_threshold(sc, floor=floor)
     above = sc >= thr
     status = np.where(above, "picked", "below_threshold").astype(object)
     bad = above & (reason != "")
@@ -453,45 +512,46 @@ def _finish(prep: _Prepared, score, noise_sd: float, *, min_distance_px, edge_px
     picks = cand[cand["status"] == "picked"].drop(columns="status").reset_index(drop=True)
     if max_picks is not None and len(picks) > max_picks:
         picks = picks.nlargest(int(max_picks), "score").reset_index(drop=True)
-    details = PickDetails(prep.display_image(), b, prep.radius, thr, noise_z, cand)
+    details = PickDetails(prep.display_image(), b, prep.radius, thr, noise_z, cand, float(expected_false(thr)))
     return picks, details
 
 
-NOISE_FLOOR_K = 4.0
-"""The automatic threshold is at least this many standard deviations of white noise in the score."""
+FALSE_DISCOVERY_RATE = 0.1
+"""Expected fraction of noise among the automatic threshold's picks (see :func:`auto_threshold`)."""
 MIN_FLOOR = 1.0
-"""...and never below one robust sigma of the score map (noise that is not white, e.g. after
-dose weighting, can make the white-noise estimate too low)."""
+"""The automatic threshold is never below one robust sigma of the score map."""
 JUNK_ITERATIONS = 6
 """Rounds of (junk rejection, threshold) until the accepted population stops changing."""
 
 
-def auto_threshold(scores, floor: float = 0.0, min_class: float = 0.05, min_separation: float = 3.5) -> float:
-    """Automatic score threshold: Otsu's split of log(score) of the candidates, at least ``floor``.
+def auto_threshold(scores, expected_false, rate: float = FALSE_DISCOVERY_RATE, floor: float = MIN_FLOOR) -> float:
+    """Automatic score threshold: the lowest one whose picks hold at most ``rate`` noise (expected).
 
-    Candidates after non-maximum suppression are a mixture of noise maxima and particles;
-    the log compresses the tail of very strong junk so it does not pull the split above the
-    particles. The split is used only when both classes hold at least ``min_class`` of the
-    candidates (and 3 of them) -- otherwise a lone outlier (an aggregate) would set it --
-    and their mean log-scores are at least ``min_separation`` within-class standard
-    deviations apart (a bimodal sample; Otsu cuts a unimodal one at ~2.7), and never below ``floor`` (``NOISE_FLOOR_K`` noise sigmas in the pickers), which keeps
-    an empty micrograph from yielding picks.
+    ``expected_false(levels)`` gives the number of local maxima that noise alone is expected
+    to put above each score level (for white noise, :meth:`ScoreNoise.expected_maxima`
+    over the usable area). With the candidates sorted by decreasing score ``s_1 >= s_2 ...``,
+    the threshold is the lowest ``s_i`` with ``expected_false(s_i) <= rate · i``: the
+    step-up rule of Benjamini & Hochberg (1995) with the random-field count in place of
+    p-values. It needs no model of the particles' scores and adapts to the micrograph's
+    area, the filter's scale and the number of particles: a crowded micrograph affords a
+    lower threshold than a sparse one. When no candidate qualifies (an empty micrograph
+    does so with a chance of about ``rate``), the threshold is the level where noise gives
+    ``rate`` maxima, above every candidate. Never below ``floor``.
     """
-    s = np.asarray(scores, dtype=float)
-    s = s[s > 0]
-    if s.size < 6:
-        return float(floor)
-    t = float(np.exp(otsu_threshold(np.log(s))))
-    n_hi = int((s >= t).sum())
-    need = max(3, int(math.ceil(min_class * s.size)))
-    if n_hi < need or s.size - n_hi < need:
-        return float(floor)
-    # a unimodal sample split by Otsu has class means ~2.7 within-class sd apart; demand more
-    lo, hi = np.log(s[s < t]), np.log(s[s >= t])
-    spread = math.sqrt(0.5 * (lo.var() + hi.var())) or 1e-12
-    if (hi.mean() - lo.mean()) / spread < min_separation:
-        return float(floor)
-    return max(t, float(floor))
+    s = np.sort(np.asarray(scores, dtype=float))[::-1]
+    s = s[np.isfinite(s)]
+    if len(s):
+        ok = np.asarray(expected_false(s)) <= rate * np.arange(1, len(s) + 1)
+        if ok.any():
+            return max(float(s[np.flatnonzero(ok).max()]), float(floor))
+    # no discovery: the level where noise is expected to give `rate` maxima (bisection, z units)
+    lo, hi = float(floor), max(float(floor), float(s[0]) if len(s) else float(floor)) + 1.0
+    while float(expected_false(hi)) > rate:
+        hi *= 2.0
+    for _ in range(60):
+        mid = 0.5 * (lo + hi)
+        lo, hi = (mid, hi) if float(expected_false(mid)) > rate else (lo, mid)
+    return hi
 
 
 MIN_DISTANCE_FACTOR = 0.8
@@ -511,25 +571,31 @@ def log_score_map(image, pixel_size: float, particle_diameter: float, *, dark_pa
     """Scale-normalised LoG response at the particle radius on the binned micrograph.
 
     Returns ``(score, bin_factor)``; ``score`` is on the binned grid, positive at the centre of
-    blobs of the particle's size and polarity. The LoG scale is ``sigma = r / sqrt(5)``
+    blobs of the particle's size and polarity. The LoG scale is ``sigma = 0.602 r``
     (:data:`LOG_SIGMA_FACTOR`).
     """
     prep = _Prepared(image, pixel_size, particle_diameter, bin_factor)
     return _log_on(prep, dark_particles)[0], prep.b
 
 
-LOG_SIGMA_FACTOR = 1.0 / math.sqrt(5.0)
-"""LoG scale / particle radius: the projection of a uniform sphere of radius r has the second
-moment of a Gaussian of sigma r/sqrt(5), and a scale-normalised LoG responds most to a Gaussian
-blob at its own sigma."""
+LOG_SIGMA_FACTOR = 0.602
+"""LoG scale / particle radius: the scale at which the scale-normalised LoG
+``σ² ∇²G_σ`` responds most, at its centre, to the projection of a uniform sphere of radius
+r (``∝ sqrt(r² - ρ²)``; maximising the response over σ gives σ = 0.602 r, between the
+r/√5 of a Gaussian with the sphere's second moment and the r/√2 of a flat disk). The
+filter's central lobe (radius σ√2 = 0.85 r) then spans the whole particle, so a particle
+whose image is not brightest at its centre -- a ring-like complex, or a hollow made by the
+CTF's fringes at 1-2.5 µm underfocus -- is found at its centre rather than at its darkest
+domain."""
 
 
 def _log_on(prep: _Prepared, dark_particles: bool, sigma_factor: float = LOG_SIGMA_FACTOR):
+    """``(score, ScoreNoise)`` of the scale-normalised LoG at ``sigma_factor`` × the particle radius."""
     sigma = prep.radius * sigma_factor
     # sigma² ∇²(G_sigma * I): transfer -sigma² (2πk)² exp(-2π² sigma² k²); dark blobs give positive values
     transfer = -(sigma**2) * (2 * np.pi) ** 2 * prep.k2 * prep.gaussian(sigma)
     score = prep.filtered(transfer)
-    return (score if dark_particles else -score), prep.noise_response_sd(transfer)
+    return (score if dark_particles else -score), prep.noise_stats(transfer)
 
 
 def pick_log(
@@ -580,10 +646,10 @@ def pick_log(
     per pick, best first; and the details when asked.
     """
     prep = _Prepared(image, pixel_size, particle_diameter, bin_factor)
-    score, noise_sd = _log_on(prep, dark_particles)
+    score, noise = _log_on(prep, dark_particles)
     md_px, edge_px = _defaults(pixel_size, particle_diameter, min_distance, edge)
     jf = JunkFilter() if junk is True else (junk or None)
-    picks, details = _finish(prep, score, noise_sd, min_distance_px=md_px, edge_px=edge_px, threshold=threshold, junk=jf,
+    picks, details = _finish(prep, score, noise, min_distance_px=md_px, edge_px=edge_px, threshold=threshold, junk=jf,
                              max_picks=max_picks)
     return (picks, details) if return_details else picks
 
@@ -615,9 +681,9 @@ def template_score_map(prep: _Prepared, templates, template_pixel_size: float, p
     The correlation is computed for every template and every rotation by ``angle_step``
     degrees within a circular mask of the particle radius (+10 %), normalised by the local
     standard deviation of the micrograph under the mask (so values are Pearson correlations
-    in [-1, 1]). Returns ``(ncc_max, best_psi_deg, best_template_index, noise_sd)``: maps on
-    the binned grid and the noise level of ``ncc_max`` (white noise, widened for the maximum
-    over all rotations so :data:`NOISE_FLOOR_K` keeps the false-alarm rate of one filter).
+    in [-1, 1]). Returns ``(ncc_max, best_psi_deg, best_template_index, noise)``: maps on
+    the binned grid and the :class:`ScoreNoise` of ``ncc_max`` (white noise; the maximum over
+    all templates and rotations counts as that many fields).
     """
     xp = prep.xp
     ndi = _ndimage(xp)
@@ -670,14 +736,12 @@ def template_score_map(prep: _Prepared, templates, template_pixel_size: float, p
     crop = (slice(p, p + prep.binned.shape[0]), slice(p, p + prep.binned.shape[1]))
     psi_a = xp.asarray(np.asarray(psi, dtype=np.float32))[best_i[crop]]
     t_a = xp.asarray(np.asarray(tidx, dtype=np.int32))[best_i[crop]]
-    # white noise gives a correlation of sd noise/(local sd × sqrt(npx)) for one template; the
-    # maximum over K rotated templates is wider: scale to the same false-alarm rate per pixel
-    from scipy.special import ndtr, ndtri  # noqa: PLC0415
-
+    # white noise gives one unit-norm template a correlation of sd noise / local sd; the
+    # density of its maxima follows from the template's spectrum (the same for every
+    # rotation), and the maximum over the K rotated templates counts as K fields
     noise_one = float(xp.median((prep.noise_sd / denom[crop])[:: 4, :: 4]))
-    k_eff = len(rotated)
-    widen = float(-ndtri(ndtr(-NOISE_FLOOR_K) / k_eff)) / NOISE_FLOOR_K
-    return best[crop], psi_a, t_a, noise_one * widen
+    density = prep.noise_stats(fft_module(xp).rfft2(embed(rotated[0][None]))[0]).density
+    return best[crop], psi_a, t_a, ScoreNoise(noise_one, density, len(rotated))
 
 
 def pick_template(
@@ -718,14 +782,14 @@ def pick_template(
     The score is the correlation in robust sigmas of the correlation map.
     """
     prep = _Prepared(image, pixel_size, particle_diameter, bin_factor)
-    ncc, psi, tidx, noise_sd = template_score_map(
+    ncc, psi, tidx, noise = template_score_map(
         prep, templates, template_pixel_size or pixel_size, pixel_size,
         angle_step=angle_step, templates_protein_white=templates_protein_white, dark_particles=dark_particles,
     )
     md_px, edge_px = _defaults(pixel_size, particle_diameter, min_distance, edge)
     jf = JunkFilter() if junk is True else (junk or None)
     picks, details = _finish(
-        prep, ncc, noise_sd, min_distance_px=md_px, edge_px=edge_px, threshold=threshold, junk=jf, max_picks=max_picks,
+        prep, ncc, noise, min_distance_px=md_px, edge_px=edge_px, threshold=threshold, junk=jf, max_picks=max_picks,
         extra={"psi": psi, "template": tidx},
     )
     return (picks, details) if return_details else picks
