@@ -10,13 +10,15 @@ What runs (every step in its own process, so its peak memory is its own):
   found and sized by the tool; the ratio is peer time / ours.
 * EMC: the same selected frames (the true single hits of the right size, written as a
   ``file,frame`` CSV) through ``conveyor spi emc`` and ``conveyor tools dragonfly-emc`` with
-  the same ``--num-div``, ``--iterations``, start model, seed and threads. Reported: seconds
-  per iteration (mean of the ``seconds`` column of each ``log.csv``, else wall time /
+  the same ``--num-div``, ``--iterations``, start model, seed, threads and pixels (those
+  within the largest circle about the beam centre inside the detector, the Dragonfly
+  adapter's default, passed to both as ``--max-radius-px``). Reported: seconds per
+  iteration (mean of the ``seconds`` column of each ``log.csv``, else wall time /
   iterations) and the ratio Dragonfly / ours.
 
-Native commands run as ``python -m conveyor ...`` with the BLAS/OpenMP thread variables set
-to ``--threads``; the times include starting Python. Peers are skipped, with a message, when
-their programs are not installed (or with ``--no-peers``).
+Native commands run as ``python -m conveyor --threads N ...`` with the BLAS/OpenMP thread
+variables also set to ``--threads``; the times include starting Python. Peers are skipped,
+with a message, when their programs are not installed (or with ``--no-peers``).
 
 Run it as ``conveyor bench spi`` (see :mod:`conveyor.commands.bench_spi`).
 """
@@ -69,6 +71,20 @@ def size_accuracy(table_path, truth) -> dict:
     acc["sized_single_hits"] = int(single.sum())
     acc["median_diameter_error_pct"] = float(np.median(err) * 100) if len(err) else None
     return acc
+
+
+def inscribed_radius(shots) -> float:
+    """Radius (px) of the largest circle about the beam centre inside the detector of a CXI file.
+
+    The pixel set of both EMC runs: the Dragonfly adapter's default (every ring complete),
+    given to ``conveyor spi emc`` as ``--max-radius-px``.
+    """
+    from ..io.cxi import read_cxi  # noqa: PLC0415
+    from ..spi.detector import DetectorGeometry  # noqa: PLC0415
+
+    geom = DetectorGeometry.from_shots(read_cxi(shots, lazy=True, load_extra=False))
+    (bx, by), (ny, nx) = geom.beam_center_px, geom.shape
+    return float(min(bx, by, nx - 1 - bx, ny - 1 - by))
 
 
 def _log_seconds(path) -> list[float]:
@@ -131,9 +147,11 @@ def run_benchmark(*, frames: int = 400, detector: int = 128, threads: int = 1, i
         d.mkdir(exist_ok=True)
         steps = {}
         for name, cmd in (
-            ("hits", _conveyor("spi", "hits", shots, "--out", d / "hits.h5")),
-            ("center", _conveyor("spi", "center", shots, "--frames", d / "hits.h5", "--out", d / "center.h5")),
-            ("size", _conveyor("spi", "size", shots, "--frames", d / "center.h5", "--out", d / "size.h5")),
+            ("hits", _conveyor("--threads", threads, "spi", "hits", shots, "--out", d / "hits.h5")),
+            ("center", _conveyor("--threads", threads, "spi", "center", shots, "--frames", d / "hits.h5",
+                                 "--out", d / "center.h5")),
+            ("size", _conveyor("--threads", threads, "spi", "size", shots, "--frames", d / "center.h5",
+                               "--out", d / "size.h5")),
         ):
             log(f"native spi {name}")
             steps[name] = _step(run_measured(cmd, env=env).check(f"conveyor spi {name}"))
@@ -174,11 +192,15 @@ def run_benchmark(*, frames: int = 400, detector: int = 128, threads: int = 1, i
                 w.writerow([shots.name, int(fr)])
         emc["frames"] = len(sel)
         emc["rotations"] = dragonfly.num_rotations(num_div)
+        radius = inscribed_radius(shots)
+        emc["max_radius_px"] = radius
         common = ["--shots", shots, "--selected-frames", sel_csv, "--num-div", num_div, "--iterations", iterations,
-                  "--init", "radial", "--seed", seed]
-        log(f"native spi emc: {len(sel)} frames, num_div {num_div}, {iterations} iteration(s)")
+                  "--init", "radial", "--seed", seed, "--max-radius-px", f"{radius:.6g}"]
+        log(f"native spi emc: {len(sel)} frames, num_div {num_div}, {iterations} iteration(s), "
+            f"pixels within {radius:.1f} px")
         out = work / "emc_native"
-        m = run_measured(_conveyor("spi", "emc", *common, "--out-dir", out), env=env).check("conveyor spi emc")
+        m = run_measured(_conveyor("--threads", threads, "spi", "emc", *common, "--out-dir", out),
+                         env=env).check("conveyor spi emc")
         emc["native"] = _emc_entry(m, out, iterations)
         if not peers:
             emc["peer"] = {"skipped": "--no-peers"}
@@ -229,7 +251,7 @@ def format_report(r: dict) -> str:
         rows.append([label, fmt(e["s_per_iteration"], ".3f"), fmt(e["wall_s"]), fmt(e["cpu_s"]),
                      fmt(e["maxrss_mib"], ".0f"), fmt(emc.get("ratio_s_per_iteration")) if label == "Dragonfly" else ""])
     out += [f"EMC: {emc['frames']} frames, num_div {p['num_div']} ({emc['rotations']} rotations), "
-            f"{p['iterations']} iteration(s)",
+            f"{p['iterations']} iteration(s), pixels within {emc['max_radius_px']:.1f} px of the beam",
             table(rows, ["", "s/iteration", "wall s", "CPU s", "peak MiB", "peer/ours"])]
     return "\n".join(out)
 

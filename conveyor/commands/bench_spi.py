@@ -31,7 +31,8 @@ def register(group) -> None:
         description="Simulate one CXI file with ground truth; run `conveyor spi hits|center|size` (each in its own "
         "process) and `conveyor tools spi-processing` on it (time, frames/s, peak memory, hit F1, diameter "
         "error), then EMC on the true single hits through `conveyor spi emc` and `conveyor tools dragonfly-emc` "
-        "with the same num_div, iterations and threads (seconds per iteration). Ratios are peer / ours.",
+        "with the same num_div, iterations, threads and pixels (the largest circle inside the detector; seconds "
+        "per iteration). Ratios are peer / ours.",
     )
     p.add_argument("--frames", type=int, default=400, help="simulated frames (default %(default)s)")
     p.add_argument("--detector", type=int, default=128, help="detector edge, px (default %(default)s)")

@@ -10,7 +10,7 @@ The model ``W`` is a 3D intensity on a cubic grid (``q = 0`` at index ``size // 
 Every iteration:
 
 1. **Expand**: tomograms ``S_rt = c_t W(R_rᵀ q_t)`` by trilinear interpolation, for a
-   block of orientations at a time (``[orientations, pixels]`` arrays).
+   block of orientations at a time (``[pixels, orientations]`` arrays).
 2. **Maximise**: Poisson log-likelihood of frame ``d`` in orientation ``r`` with scale
    (fluence) ``φ``, terms constant in ``r`` dropped::
 
@@ -61,6 +61,23 @@ Units and conventions
 * The model is in photons per unit efficiency at mean scale: a frame with scale ``φ``
   expects ``φ c_t W(Rᵀ q_t)`` photons in pixel ``t``.
 
+Implementation
+--------------
+The 600-cell grid is a union of right cosets ``{R_j G : G ∈ T}`` of the 12 rotations
+``T`` that permute the axes of the cubic model grid
+(:func:`conveyor.spi.quaternions.coset_decomposition`). A pixel in orientation ``R_j G``
+samples ``W(Gᵀ R_jᵀ q)``: the model with permuted axes, which is exact, at the position
+``R_jᵀ q`` shared by the whole coset. So trilinear corners are computed once per coset (a
+twelfth of the rotations) and kept as a CSR matrix ``M`` ``[pixels × cosets, voxels]``
+(8 entries per row, rows pixel-major); with the ``[voxels, 12]`` stack of permuted models
+``M @ stack`` gives every tomogram as ``[pixels, rotations]``, ready for the BLAS product
+with the frames. The merge is ``Mᵀ @ (Kᵀ P)`` (``Kᵀ P`` from one matrix product) for the
+numerator and a per-coset coverage matrix times ``Σ_d P_dr φ_d`` for the denominator;
+the 12 stacked results are folded back (flips summed plane by plane, one transposed add
+per axis permutation). Rotations outside complete cosets (e.g. some of a Friedel-half
+grid) form cosets of one. Blocks of cosets run in threads (the sparse products, BLAS and
+numpy's loops release the GIL).
+
 Every kernel takes its array module from :mod:`conveyor.backend`, so the same code runs
 on numpy and cupy; frames, model and probabilities stay on the device.
 """
@@ -82,6 +99,9 @@ log = logging.getLogger(__name__)
 
 #: Orientations with less total probability (in frames) are left out of the merge.
 MERGE_MIN_OCCUPANCY = 1e-6
+#: Log-probability (relative to a frame's most likely rotation) below which P is 0: the
+#: smallest normal float32 is e^-87.3.
+PROB_LOG_MIN = -87.0
 #: Tomogram floor relative to the model's mean, so a photon on a dark voxel is finite.
 LOG_FLOOR = 1e-6
 #: Cache cost per coset-pixel pair (bytes): trilinear corners (8 × int32 + float32) plus
@@ -189,13 +209,22 @@ def _rotations(quats, xp):
     return xp.asarray(quaternion_to_matrix(np.asarray(backend.to_host(quats), dtype=np.float64)), dtype=xp.float32)
 
 
-def _coords(qvox, rots, size: int, xp):
-    """Trilinear corners of ``Rᵀ q`` for every rotation: indices and weights ``[b, npix, 8]``."""
-    c = xp.matmul(qvox[None, :, :], rots)  # row vectors: q·R = (Rᵀ q)ᵀ, [b, npix, 3]
+def _coords(qvox, rots, size: int, xp, pixel_major: bool = False):
+    """Trilinear corners of ``Rᵀ q`` for every rotation: flat voxel indices and weights.
+
+    ``[b, npix, 8]``, or ``[npix, b, 8]`` with ``pixel_major``; indices are int32 when the
+    grid allows (int64 otherwise).
+    """
+    if pixel_major:  # q·R for all rotations at once: [npix, 3] @ [3, b·3]
+        b = rots.shape[0]
+        c = (qvox @ xp.transpose(rots, (1, 0, 2)).reshape(3, 3 * b)).reshape(-1, b, 3)
+    else:
+        c = xp.matmul(qvox[None, :, :], rots)  # row vectors: q·R = (Rᵀ q)ᵀ, [b, npix, 3]
     c += float(size // 2)
     base = xp.floor(c)
     f = c - base
-    ib = base.astype(xp.int64)
+    itype = xp.int32 if size**3 < 2**31 else xp.int64
+    ib = base.astype(itype)
     idx = (ib[..., 2] * size + ib[..., 1]) * size + ib[..., 0]
     del c, base, ib
     fx, fy, fz = f[..., 0], f[..., 1], f[..., 2]
@@ -203,7 +232,7 @@ def _coords(qvox, rots, size: int, xp):
     zy = (gz * gy, gz * fy, fz * gy, fz * fy)
     w8 = xp.stack([zy[0] * gx, zy[0] * fx, zy[1] * gx, zy[1] * fx, zy[2] * gx, zy[2] * fx, zy[3] * gx, zy[3] * fx], -1)
     s2 = size * size
-    offs = xp.asarray([0, 1, size, size + 1, s2, s2 + 1, s2 + size, s2 + size + 1], dtype=xp.int64)
+    offs = xp.asarray([0, 1, size, size + 1, s2, s2 + 1, s2 + size, s2 + size + 1], dtype=itype)
     return idx[..., None] + offs, w8
 
 
@@ -420,10 +449,15 @@ def _log_factorial_sums(k, sparse, xp):
 
 
 def _softmax(L, logw, beta, xp):
-    """``P ∝ w exp(β L)`` per row, and the mutual information ``Σ P log(P / w)`` per row."""
+    """``P ∝ w exp(β L)`` per row, and the mutual information ``Σ P log(P / w)`` per row.
+
+    Probabilities below ``e^-87`` of a row's largest (float32 denormals, which slow every
+    later product by orders of magnitude) are set to 0.
+    """
     lp = beta * L + logw[None, :]
     lp -= lp.max(axis=1, keepdims=True)
     p = xp.exp(lp)
+    p[lp < PROB_LOG_MIN] = 0.0
     z = p.sum(axis=1, keepdims=True)
     p /= z
     mi = (p * (lp - xp.log(z) - logw[None, :])).sum(axis=1)
@@ -697,16 +731,16 @@ class _Slicer:
             xp = self.xp
             si, j0, j1, _, _ = self.blocks[bi]
             rots = self.cosets.sets[si].rots
-            i8 = xp.empty((self.npix, j1 - j0, 8), dtype=xp.int32)
-            w8 = xp.empty((self.npix, j1 - j0, 8), dtype=xp.float32)
-            step = max(1, (1 << 22) // (8 * self.npix))  # bound the float64/int64 temporaries
-            for a in range(j0, j1, step):
-                b = min(j1, a + step)
-                ii, ww = _coords(self.q, rots[a:b], self.size, xp)
-                i8[:, a - j0 : b - j0] = ii.transpose(1, 0, 2)
-                w8[:, a - j0 : b - j0] = ww.transpose(1, 0, 2)
-                del ii, ww
-            m = (i8, w8)
+            step = max(1, (1 << 23) // (8 * (j1 - j0)))  # pixels per chunk: bound the temporaries
+            if step >= self.npix:
+                m = _coords(self.q, rots[j0:j1], self.size, xp, pixel_major=True)
+            else:
+                i8 = xp.empty((self.npix, j1 - j0, 8), dtype=xp.int32 if self.size**3 < 2**31 else xp.int64)
+                w8 = xp.empty((self.npix, j1 - j0, 8), dtype=xp.float32)
+                for a in range(0, self.npix, step):
+                    i8[a : a + step], w8[a : a + step] = _coords(self.q[a : a + step], rots[j0:j1], self.size, xp,
+                                                                 pixel_major=True)
+                m = (i8, w8)
             if self.cache is not None:
                 self.cache[bi] = m
         return m
@@ -731,18 +765,19 @@ class _Slicer:
         out = self.xp.asarray(self.matrix(bi) @ stack)
         return out.reshape(self.npix, -1)
 
-    def coverage(self, bi, matrix=None):
+    def coverage(self, bi):
         """CSR ``[voxels, nb]``: ``Σ_t c_t f_jt,v``, the efficiency-weighted trilinear weight
-        that the pixels of coset ``j`` put on voxel ``v``."""
+        that the pixels of coset ``j`` put on voxel ``v`` (``(S M)ᵀ`` with ``S`` summing the
+        rows of a coset, weighted by ``c_t``)."""
         cov = self.cov.get(bi) if self.cov is not None else None
         if cov is None:
-            xp, sp = self.xp, _sparse_module(self.xp)
+            xp = self.xp
             _, j0, j1, _, _ = self.blocks[bi]
             nb = j1 - j0
-            rows = nb * self.npix
-            s = sp.csr_matrix((xp.repeat(self.c, nb), xp.tile(xp.arange(nb, dtype=xp.int32), self.npix),
-                               xp.arange(rows + 1, dtype=xp.int32)), shape=(rows, nb))
-            cov = ((self.matrix(bi) if matrix is None else matrix).T @ s).tocsr()
+            cols = (xp.arange(self.npix, dtype=xp.int32)[None, :] * nb + xp.arange(nb, dtype=xp.int32)[:, None]).ravel()
+            s = _sparse_module(xp).csr_matrix((xp.tile(self.c, nb), cols, xp.arange(nb + 1, dtype=xp.int32) * self.npix),
+                                              shape=(nb, nb * self.npix))
+            cov = (s @ self.matrix(bi)).T.tocsr()  # [voxels, nb]: the merge gathers rows
             if self.cov is not None:
                 self.cov[bi] = cov
         return cov

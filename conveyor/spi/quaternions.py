@@ -35,6 +35,16 @@ Gaussians in the rotation angle) that makes the quadrature 10-100x *less* accura
 it is not done here. With these weights smooth functions integrate to ~1e-4 at
 ``num_div = 4`` where unit weights are off by 1-5 % (``tests/spi/test_quaternions.py``).
 
+Cosets of the cubic group
+-------------------------
+The 600-cell and its refinement are invariant under multiplication by any unit icosian,
+so the grid is also a union of right cosets ``{q ⊗ g}`` of the 12 rotations ``g`` of the
+tetrahedral group T (the icosians ``(±1,0,0,0)``..., ``(±½,±½,±½,±½)``): identity,
+half-turns about x, y, z and third-turns about the body diagonals, the rotations that
+permute the axes of a cubic grid (:func:`coset_decomposition`, :func:`cubic_group_quaternions`).
+EMC interpolates once per coset and reads the 12 tomograms off axis-permuted copies of
+the model (:mod:`conveyor.spi.emc`).
+
 Friedel symmetry
 ----------------
 A centrosymmetric intensity ``I(q) = I(-q)`` makes orientations ``R`` and ``C₂ R``
@@ -42,7 +52,8 @@ A centrosymmetric intensity ``I(q) = I(-q)`` makes orientations ``R`` and ``C₂
 curvature*: ``C₂`` maps a pixel's ``(q_x, q_y, q_z)`` to ``(-q_x, -q_y, q_z)`` while
 ``-q`` has ``-q_z``. The 600-cell grid is invariant under ``C₂`` (the quaternion
 ``(0, 0, 0, 1)`` is an icosian), so ``friedel=True`` keeps one rotation of each pair and
-halves the grid exactly. EMC uses the full grid by default (exact on the Ewald sphere)
+halves the grid exactly; it keeps or drops whole cosets where ``C₂`` maps one coset onto
+another (all but 36 of 1620 rotations at ``num_div = 4``). EMC uses the full grid by default (exact on the Ewald sphere)
 and enforces Friedel symmetry on the model instead; ``friedel=True`` is a 2x speed-up
 that is safe when ``q_z`` is small compared with the speckle size (small scattering
 angles).
