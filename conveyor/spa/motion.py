@@ -246,17 +246,21 @@ def _good_size(n: int) -> int:
 
 #: The whole-frame alignment keeps the spatial frequencies where the cross-power weight
 #: ``exp(-B k²/2)`` is at least ``exp(-ALIGN_BAND)``: ``|k| <= sqrt(2 ALIGN_BAND / B)`` (1/Å);
-#: the patch alignment, with far fewer pixels per measurement, keeps ``exp(-PATCH_BAND)``.
-ALIGN_BAND = 1.0
+#: its coarse search ``exp(-COARSE_BAND)``; the patch alignment ``exp(-PATCH_BAND)`` (see
+#: docs/algorithms/motion.md for the measured accuracy and cost of these choices).
+ALIGN_BAND = 2.0
+COARSE_BAND = 1.0
 PATCH_BAND = 2.0
+#: Search radius (coarse CC-map pixels) of the per-frame search that ends the coarse stage.
+UNIT_SEARCH = 2.0
 
 
 def _band_size(n: int, pixel_size: float, bfactor: float, binning: float = 1.0, band: float | None = None) -> int:
     """Even size (samples) of the Fourier-cropped alignment grid along an axis of ``n`` px.
 
-    Keeps ``|k| <= sqrt(2 band / B)`` 1/Å (all of it for ``B = 0``; ``band`` default
-    :data:`ALIGN_BAND`), at most ``n / binning``; rounded up to a fast FFT size, at least 16
-    and at most ``n``.
+    Keeps ``|k| <= sqrt(2 band / B)`` 1/Å (``band`` default :data:`ALIGN_BAND`; all of it for
+    ``B = 0``), at most ``n / binning``; rounded up to a fast FFT size, at least 16 and at
+    most ``n``.
     """
     band = ALIGN_BAND if band is None else band
     limit = n / max(float(binning), 1.0)
@@ -413,7 +417,7 @@ def _window_matrices(n: int, group: int):
     t = np.arange(n)
     lag = t[None, :] - t[:, None]  # frame - unit
     box = lambda lo, hi: ((lag >= -lo) & (lag <= hi)).astype(float)  # noqa: E731
-    weighted = box(w - 1, 0) @ box(0, w - 1)
+    weighted = box(0, w - 1) @ box(w - 1, 0)
     return weighted, box(w - 1, w - 1)
 
 
@@ -542,7 +546,7 @@ def _group_bounds(n: int, group: int):
 
 
 def _align_spectra(spec, grid: _Grid, init, *, group=1, max_iter=20, tol=0.01, coarse_group=None, refine=True,
-                   xp=None):
+                   coarse_grid: _Grid | None = None, xp=None):
     """Iterative alignment of frame spectra against the sum of the other frames.
 
     spec : [..., n, my, mkx] spectra on ``grid`` (a batch of independent stacks in the leading
@@ -586,31 +590,37 @@ def _align_spectra(spec, grid: _Grid, init, *, group=1, max_iter=20, tol=0.01, c
     size = member.sum(axis=1)
     c = np.zeros((nb, ng, 2))  # group corrections on top of init
     spec *= grid.filt  # both sides of every cross spectrum carry exp(-B k²/4)
-    scale = max(grid.scale)
-    max_step = 0.75 * scale
+    cgrid = grid if coarse_grid is None or not refine else coarse_grid
+    cspec = spec if cgrid is grid else _crop_spectrum(spec, cgrid.my, cgrid.mx, xp)
+    scale = max(cgrid.scale)
+    max_step = 0.75 * max(grid.scale)
     base = max(3.0 * scale, 4.0)  # smallest search radius of the later coarse iterations
     cap = 1.5 * scale  # largest total Newton refinement of a coarse shift
     t = np.arange(n)
     hw = (coarse_group + 1) // 2 - 1
     window = np.minimum(t + hw, n - 1) - np.maximum(t - hw, 0) + 1  # frames in each coarse window
     ones = np.ones((n, n))
+    if ng == n:
+        unit_mats = (np.eye(n), ones - np.eye(n)), np.ones(n)
+    else:
+        unit_mats = (member, 1.0 - member), size
     if coarse_group > 1:
         weighted, support = _window_matrices(n, coarse_group)
         coarse_mats, m_coarse = (weighted, ones - support), window
-    elif ng == n:
-        coarse_mats, m_coarse = (np.eye(n), ones - np.eye(n)), np.ones(n)
     else:
-        coarse_mats, m_coarse = (member, 1.0 - member), size
+        coarse_mats, m_coarse = unit_mats
     self_terms = None
     radius = None  # per frame; None: the whole max_shift
-    coarse, n_coarse, c_coarse = True, 0, None
+    coarse, n_coarse, c_coarse, windowed_done = True, 0, None, False
     active = np.ones(nb, dtype=bool)  # stacks still being refined
     it = 0
     for it in range(1, max_iter + 1):
         idx = np.flatnonzero(active)
-        sub = spec if idx.size == nb else spec[xp.asarray(idx)]
+        g = cgrid if coarse else grid
+        sub = cspec if coarse else spec
+        sub = sub if idx.size == nb else sub[xp.asarray(idx)]
         s = init[idx] + np.einsum("gt,bgk->btk", member, c[idx])
-        al = _shifted(sub, grid.ky, grid.kx, s, xp)
+        al = _shifted(sub, g.ky, g.kx, s, xp)
         del sub
         jumped = 0.0
         if coarse:
@@ -618,7 +628,7 @@ def _align_spectra(spec, grid: _Grid, init, *, group=1, max_iter=20, tol=0.01, c
             cross *= xp.conj(_mix(coarse_mats[1], al, xp))
             del al
             m = m_coarse
-            d = _coarse_peak(cross, grid, xp, radius)
+            d = _coarse_peak(cross, cgrid, xp, radius)
             del cross
             if n_coarse == 0 and n >= 5:
                 # far outliers of the wide search: replaced by their neighbours' median
@@ -663,11 +673,19 @@ def _align_spectra(spec, grid: _Grid, init, *, group=1, max_iter=20, tol=0.01, c
             # next search: near the current shift, wider for frames still moving (and for a
             # replaced outlier, 3/4 of the way back to it, so a real fast frame is found again)
             radius = np.maximum(base, np.maximum(1.5 * frame_step, 0.75 * jumped))
-            if (n_coarse >= 2 and float(step.max()) < 0.5 * scale) or n_coarse >= 5:
+            if windowed_done:
                 coarse = False
+            elif (n_coarse >= 2 and float(step.max()) < 0.5 * scale) or n_coarse >= 5:
                 if not refine:
                     active[idx] = step >= 0.5 * scale
                     break
+                if coarse_mats is unit_mats[0]:
+                    coarse = False
+                else:
+                    # one search per unit before the refinement: a frame that a window could not
+                    # move (its neighbours outweigh it) is taken to its own peak
+                    coarse_mats, m_coarse = unit_mats
+                    radius, windowed_done = UNIT_SEARCH * scale, True
         else:
             active[idx[step < tol]] = False
             if not active.any():
@@ -824,16 +842,19 @@ def _align_binned(binned, shape, pixel_size, bfactor, *, max_iter=20, binning=1,
     if max_shift is None:
         max_shift = 0.25 * min(ny, nx)
     grid = _make_grid(my, mx, ny, nx, pixel_size, bfactor, max_shift, xp)
+    cy = min(my, _band_size(ny, pixel_size, bfactor, binning, COARSE_BAND))
+    cx = min(mx, _band_size(nx, pixel_size, bfactor, binning, COARSE_BAND))
+    cgrid = _make_grid(cy, cx, ny, nx, pixel_size, bfactor, max_shift, xp)
     spec = _tapered_spectra(binned, taper, xp, size=(my, mx))
-    s, iters, converged = _align_spectra(spec[None], grid, np.zeros((1, n, 2)), group=group,
-                                         max_iter=max_iter, tol=tol, xp=xp)
+    s, iters, converged = _align_spectra(spec[None], grid, np.zeros((1, n, 2)), group=group, max_iter=max_iter,
+                                         tol=tol, coarse_grid=cgrid, xp=xp)
     s = s[0]
     s, lam = _smooth_trajectory(s, smooth)
     s = s - s[0]
-    info = {"iterations": iters, "converged": converged, "grid": (grid.my, grid.mx),
+    info = {"iterations": iters, "converged": converged, "grid": (grid.my, grid.mx), "coarse_grid": (cy, cx),
             "scale": grid.scale, "smooth": lam}
-    log.info("whole-frame alignment: %d iterations (%s), alignment grid %dx%d",
-             iters, "converged" if converged else "not converged", grid.my, grid.mx)
+    log.info("whole-frame alignment: %d iterations (%s), alignment grid %dx%d, coarse search %dx%d",
+             iters, "converged" if converged else "not converged", grid.my, grid.mx, cy, cx)
     return (s, info) if return_info else s
 
 
