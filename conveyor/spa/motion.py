@@ -2,24 +2,31 @@
 
 The steps (see ``docs/algorithms/motion.md`` for the full description):
 
+0. **One FFT per frame** (:func:`_prepare`). Every frame is Fourier-transformed once
+   (float32 in, complex64 out). The spectra are kept for the sums; their Fourier crops to
+   the alignment band, transformed back, are the *binned frames* that both alignments use,
+   so the alignment work does not grow with the detector size. The band keeps the
+   frequencies where the cross-power B-factor weight ``exp(-B k²/2)`` is at least e^-2
+   (:data:`ALIGN_BAND`, :data:`PATCH_BAND`; ``binning`` crops further).
 1. **Whole-frame alignment** (:func:`align_frames`). Each frame is cross-correlated with the
    sum of all the *other* frames (so its own shot noise never correlates with itself), in
-   Fourier space, with a B-factor low-pass, after mean subtraction and a soft edge taper.
-   The spectra are Fourier-cropped to the band the low-pass leaves (and optionally binned
-   further) before any of this, so the work does not grow with the detector size. Coarse
-   iterations on running sums of a few frames (robust at low dose) find the integer peak
-   of the cross-correlation map, within ``max_shift`` first (single-frame outliers are
-   replaced by their neighbours' median), then near the current shifts, each refined by a
-   parabola; then, frame by frame, Newton steps on the band-limited (continuous)
-   cross-correlation, whose gradient and Hessian at the current shift are weighted sums
-   over the cropped spectrum. Frames are re-shifted
-   (Fourier phase ramps) and the references rebuilt after every iteration until no shift
-   changes by more than ``tol`` (0.01 px). Optionally (``smooth``) the trajectory is
-   smoothed by a Whittaker smoother whose strength can be chosen by generalised
+   Fourier space, with the B-factor low-pass, after mean subtraction and a soft edge taper.
+   Coarse iterations, on a grid cropped further to the e^-1 band, on running sums of a few
+   frames (robust at low dose), find the integer peak of the cross-correlation map, within
+   ``max_shift`` first (single-frame outliers are replaced by their neighbours' median),
+   then near the current shifts (the CC evaluated only at the lags within the search
+   radius), each refined by a parabola; one more search per frame follows. Then, frame by
+   frame, Newton steps on the band-limited (continuous) cross-correlation, whose gradient
+   and Hessian at the current shift are weighted sums over the spectrum. Frames are
+   re-shifted (Fourier phase ramps) and the references rebuilt after every iteration until
+   no shift changes by more than ``tol`` (0.01 px). Optionally (``smooth``) the trajectory
+   is smoothed by a Whittaker smoother whose strength can be chosen by generalised
    cross-validation.
-2. **Patch alignment** (:func:`local_alignment`). The frames are cut into patches (5 x 5 by
-   default); every patch stack, pre-shifted by the whole-frame trajectory, is aligned by the
-   same method (optionally in groups of ``group`` frames to beat the noise). The residual
+2. **Patch alignment** (:func:`local_alignment`). The binned frames are cut into patches
+   (5 x 5 by default); every patch stack, pre-shifted by the whole-frame trajectory, is
+   aligned by the coarse iterations alone (running sums of a few frames; optionally groups
+   of ``group`` frames): Newton refinement of single low-signal patch frames degrades the
+   measurements. The residual
    shifts are fitted by MotionCor2's/RELION's smooth deformation model: a polynomial in the
    patch position (1, x, x², y, y², xy) times a polynomial in time (z, z², z³; z = frame
    index, so the model is zero at frame 1), 18 coefficients per axis, with a free offset per
@@ -27,8 +34,9 @@ The steps (see ``docs/algorithms/motion.md`` for the full description):
    are kept (constant, affine or all), and whether the model is applied at all, is decided
    by cross-validation between the two colours of a checkerboard of patches: the model must
    predict the held-out patches better than no local model.
-3. **Summation** (:func:`apply_shifts_and_sum`). Without a local model every frame is
-   shifted exactly by a Fourier phase ramp and the sums are formed in Fourier space. With a
+3. **Summation** (:func:`apply_shifts_and_sum`). Without a local model every frame's
+   spectrum is shifted exactly by a Fourier phase ramp and the sums are formed in Fourier
+   space (the dose-weighted one by Horner's rule, without forming any filter). With a
    local model the micrograph is covered by square tiles (their size chosen from the model
    so that the shift changes by at most 0.4 px from one tile centre to the next); inside a
    tile the frames are shifted exactly (integer offset + Fourier phase ramp) by the model's
@@ -55,8 +63,11 @@ Conventions
   the opposite sign: the shift it applies to the frame.)
 * B-factor low-pass: the usual definition of a B-factor in Å² — each image's Fourier
   amplitudes are weighted by ``exp(-B k²/4)`` (k in 1/Å), so the cross-power spectrum by
-  ``exp(-B k²/2)``. (MotionCor2's ``-Bft`` and RELION's ``--bfactor`` are in px² and weight
-  each image by ``exp(-B k²)`` with k in 1/px: their 150 px² at 1 Å/px is 600 Å² here.)
+  ``exp(-B k²/2)``. (RELION's ``--bfactor`` is in px²: its own implementation weights the
+  cross-power spectrum by ``exp(-2 B d²)`` with ``d = ky`` along y (cycles/px) but
+  ``x / (nx/2 + 1) ≈ 2 kx`` along x, i.e. ``B_Å = 4 B_px p²`` along y and ``16 B_px p²``
+  along x for a pixel of ``p`` Å: its default 150 px² at 1 Å/px is 600 Å² (y) and 2400 Å²
+  (x) here. See docs/algorithms/motion.md.)
 * All image kernels take the array module from :mod:`conveyor.backend`, so they run on numpy
   or cupy arrays unchanged; shifts, models and small fits are numpy (host) arrays.
 """
@@ -485,6 +496,8 @@ def _cc_derivatives(cross, grid: _Grid, xp):
     """
     sh = cross.shape
     m_cols, m_x, m_y = grid.moments
+    if not xp.iscomplexobj(cross):  # a real spectrum: real moments, no complex copy
+        m_cols, m_x, m_y = (xp.ascontiguousarray(m.real) for m in grid.moments)
     u = cross.sum(axis=-2)  # [..., mkx]
     vz = xp.matmul(cross.reshape(-1, sh[-1]), m_cols).reshape(sh[:-1] + (2,))  # Σ_x hw P, Σ_x hw kx P
     tx = xp.matmul(u, m_x)  # Σ hw kx P, Σ hw kx² P
@@ -553,14 +566,18 @@ def _align_spectra(spec, grid: _Grid, init, *, group=1, max_iter=20, tol=0.01, c
     axes); used as work space (multiplied in place by the B-factor filter).
     init : [..., n, 2] initial shifts (px); their mean over frames is kept (gauge).
 
-    The coarse iterations (2 to 5, until the shifts change by less than half a CC-map pixel)
-    use running sums of ``coarse_group`` frames (default: ~n/4, 1-5) for robustness at low
-    dose; the first searches the whole window (``max_shift``) and replaces single-frame
-    outliers by their neighbours' median, the next ones search near the current shifts (a
-    few px, more for frames still moving). Then, frame by frame (or group by group), Newton
-    steps on the continuous CC, kept within 1.5 CC-map pixels of the coarse result, until no
-    shift of a stack changes by more than ``tol`` (stacks that have converged are left
-    alone). With ``group > 1`` the frames are split into contiguous groups of about
+    The coarse iterations work on ``coarse_grid`` (default ``grid``; a Fourier crop of it).
+    They (2 to 5, until the shifts change by less than half a CC-map pixel) use running sums
+    of ``coarse_group`` frames (default: ~n/4, 1-5) for robustness at low dose; the first
+    searches the whole window (``max_shift``) and replaces single-frame outliers by their
+    neighbours' median, the next ones search near the current shifts (a few px, more for
+    frames still moving). With ``refine=False`` the alignment stops there. Else one more
+    search per frame (or group), within :data:`UNIT_SEARCH` CC-map pixels, takes a frame
+    that its window could not move (the other frames of the window outweigh it) to its own
+    peak; then, frame by frame (or group by group), Newton steps on the continuous CC of
+    ``grid``, kept within 1.5 coarse CC-map pixels of the coarse result, until no shift of a
+    stack changes by more than ``tol`` (stacks that have converged are left alone). With
+    ``group > 1`` the frames are split into contiguous groups of about
     ``group`` frames; each group sum is aligned against the sum of the other groups and
     moves as a whole (on top of ``init``), and at the end the group corrections are
     interpolated linearly between group centres.
@@ -571,7 +588,8 @@ def _align_spectra(spec, grid: _Grid, init, *, group=1, max_iter=20, tol=0.01, c
     second term is real and does not depend on the shifts (its Hessian is computed once).
 
     Returns shifts [..., n, 2] (content displacement; mean over frames as in ``init``), the
-    number of iterations and whether every stack converged.
+    number of iterations and whether every stack converged (with ``refine=False``: whether
+    the coarse iterations did).
     """
     xp = xp or backend.array_module(spec)
     lead = spec.shape[:-3]
@@ -636,7 +654,10 @@ def _align_spectra(spec, grid: _Grid, init, *, group=1, max_iter=20, tol=0.01, c
         else:
             if ng == n:
                 if self_terms is None:  # from -|A_f|², the same at every iteration
-                    self_terms = _cc_derivatives(-(spec * spec.conj()), grid, xp)
+                    power = spec.real * spec.real
+                    power += spec.imag * spec.imag
+                    self_terms = -_cc_derivatives(power, grid, xp)
+                    del power
                 al *= xp.conj(al.sum(axis=-3, keepdims=True))
                 terms = _cc_derivatives(al, grid, xp) + self_terms[idx]
                 m = size
@@ -1107,8 +1128,8 @@ def _cv_error(r, inl, colour, terms, centres, shape):
 
 
 def local_alignment(frames, global_shifts, patches=(5, 5), *, pixel_size: float = 1.0, bfactor: float = 150.0,
-                    group: int = 1, max_iter: int = 20, tol: float = 0.01, binning: float = 1,
-                    max_shift: float | None = None, taper: float = 0.1, outlier_sigma: float = 3.0) -> LocalModel:
+                    group: int = 1, max_iter: int = 20, binning: float = 1, max_shift: float | None = None,
+                    taper: float = 0.1, outlier_sigma: float = 3.0) -> LocalModel:
     """Patch-based local alignment and fit of the smooth deformation model.
 
     Parameters
@@ -1125,7 +1146,10 @@ def local_alignment(frames, global_shifts, patches=(5, 5), *, pixel_size: float 
     group : int
         Align groups of about this many consecutive frames in each patch as units (noise
         reduction); the group shifts are interpolated linearly between group centres.
-    max_iter, tol, binning, taper
+    max_iter : int
+        Largest number of iterations (the patch stacks are aligned by the coarse iterations
+        only, until their shifts change by less than half a CC-map pixel: 2-5 iterations).
+    binning, taper
         As in :func:`align_frames` (taper as a fraction of the patch side).
     max_shift : float, optional
         Largest residual shift searched in a patch (px); default 10 Å, at least 4 px.
@@ -1146,12 +1170,12 @@ def local_alignment(frames, global_shifts, patches=(5, 5), *, pixel_size: float 
     size = tuple(_band_size(m, pixel_size, bfactor, binning, PATCH_BAND) for m in (ny, nx))
     _, binned = _prepare(frames, size, xp)
     return _local_binned(binned, (ny, nx), global_shifts, patches, pixel_size=pixel_size, bfactor=bfactor,
-                         group=group, max_iter=max_iter, tol=tol, binning=binning, max_shift=max_shift, taper=taper,
+                         group=group, max_iter=max_iter, binning=binning, max_shift=max_shift, taper=taper,
                          outlier_sigma=outlier_sigma)
 
 
-def _local_binned(binned, shape, global_shifts, patches, *, pixel_size, bfactor, group=1, max_iter=20, tol=0.01,
-                  binning=1, max_shift=None, taper=0.1, outlier_sigma=3.0) -> LocalModel:
+def _local_binned(binned, shape, global_shifts, patches, *, pixel_size, bfactor, group=1, max_iter=20, binning=1,
+                  max_shift=None, taper=0.1, outlier_sigma=3.0) -> LocalModel:
     """:func:`local_alignment` on binned frames ``[n, my, mx]`` of frames of ``shape`` (ny, nx) px.
 
     Patches are cut from the binned frames (sample ``i`` lies at ``i * ny / my`` px of the
@@ -1192,8 +1216,8 @@ def _local_binned(binned, shape, global_shifts, patches, *, pixel_size, bfactor,
         spec = _tapered_spectra(tiles, taper, xp, size=psize)
         del tiles
         init = np.broadcast_to(frac, (len(o), n, 2))
-        s[i:i + batch], it, _ = _align_spectra(spec, grid, init, group=group, max_iter=max_iter, tol=tol,
-                                               refine=False, xp=xp)
+        s[i:i + batch], it, _ = _align_spectra(spec, grid, init, group=group, max_iter=max_iter, refine=False,
+                                               xp=xp)
         iters = max(iters, it)
         del spec
     off = off * unit
@@ -1505,7 +1529,8 @@ def correct_motion(frames, pixel_size: float, dose_per_frame: float, voltage: fl
     pre_exposure : float
         e/Å² before frame 1.
     binning, max_iter, tol, max_shift, group
-        Whole-frame alignment options (see :func:`align_frames`).
+        Whole-frame alignment options (see :func:`align_frames`); ``binning`` and
+        ``max_iter`` apply to the patch alignment too.
     smooth : float or "auto"
         Smoothing of the whole-frame trajectory (see :func:`align_frames`); default
         ``"auto"``.
@@ -1546,7 +1571,7 @@ def correct_motion(frames, pixel_size: float, dose_per_frame: float, voltage: fl
     if use_patches:
         pg = patch_group if patch_group is not None else auto_patch_group(dose_per_frame, pixel_size, n)
         model = _local_binned(binned, (ny, nx), shifts, patches, pixel_size=pixel_size, bfactor=pb, group=pg,
-                              max_iter=max_iter, tol=tol, binning=binning)
+                              max_iter=max_iter, binning=binning)
     del binned
     t3 = time.perf_counter()
     do_dw = dose_weighting and dose_per_frame and dose_per_frame > 0
