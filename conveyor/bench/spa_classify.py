@@ -125,7 +125,7 @@ def simulate(folder: Path, *, particles: int, box: int, views: int, junk: float,
     return folder / "particles.star", labels
 
 
-def run_benchmark(*, particles: int = 1000, box: int = BOX, classes: int = 10, iterations: int = 10,
+def run_benchmark(*, particles: int = 400, box: int = BOX, classes: int = 6, iterations: int = 5,
                   views: int = 6, junk: float = 0.2, threads: int = 1, repeat: int = 1, relion: bool = True,
                   device: str | None = None, workdir=None, keep: bool = False, seed: int = 0, relion_bin=None,
                   argv=None, log=print) -> dict:

@@ -35,10 +35,10 @@ def register(group) -> None:
         "CPU time, particles/s, peak memory, the ratio RELION / ours, and accuracy against the truth (class "
         "purity, normalised mutual information, class resolution).",
     )
-    p.add_argument("--particles", type=int, default=1000, help="simulated particles (default %(default)s)")
+    p.add_argument("--particles", type=int, default=400, help="simulated particles (default %(default)s)")
     p.add_argument("--box", type=int, default=64, help="box, px at 3 Å/px (default %(default)s)")
-    p.add_argument("--classes", type=int, default=10, help="classes K for both sides (default %(default)s)")
-    p.add_argument("--iterations", type=int, default=10, help="iterations for both sides (default %(default)s)")
+    p.add_argument("--classes", type=int, default=6, help="classes K for both sides (default %(default)s)")
+    p.add_argument("--iterations", type=int, default=5, help="iterations for both sides (default %(default)s)")
     p.add_argument("--views", type=int, default=6, help="distinct particle views simulated (default %(default)s)")
     p.add_argument("--junk", type=float, default=0.2, help="fraction of junk images (default %(default)s)")
     p.add_argument("--threads", type=int, default=1, help="threads for both sides (default %(default)s)")
