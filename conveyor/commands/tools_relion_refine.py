@@ -10,13 +10,24 @@ and for refinement ``--mpi`` and ``--mpirun``.
 
 from __future__ import annotations
 
+import argparse
+
 IGNORED = "accepted for the native flags; no RELION 3.1 counterpart, ignored"
 
 
-def _common(p, threads_help: str = "RELION threads (--j; default 1)") -> None:
-    p.add_argument("--threads", type=int, default=1, help=threads_help)
+def _common(p, threads_help: str = "RELION threads (--j)") -> None:
+    # no default here: `conveyor --threads N tools ...` (the workflow's form) must reach RELION
+    p.add_argument("--threads", type=int, default=argparse.SUPPRESS,
+                   help=f"{threads_help}; default: conveyor --threads, else every core this process may use")
     p.add_argument("--relion-bin", default=None, help="directory of the RELION binaries (default: PATH)")
     p.add_argument("--work-dir", default=None, help="keep RELION's own files in this directory")
+
+
+def _threads() -> int:
+    """``--threads`` (given after the command or as ``conveyor --threads``), else the cores available."""
+    from .. import backend  # noqa: PLC0415
+
+    return backend.threads()
 
 
 def _class2d(args) -> int:
@@ -26,7 +37,7 @@ def _class2d(args) -> int:
                     iterations=args.iterations, psi_step=args.psi_step, offset_range=args.offset_range,
                     offset_step=args.offset_step, initial_resolution=args.initial_resolution,
                     max_resolution=args.max_resolution, temperature=args.temperature, center=not args.no_center,
-                    seed=args.seed, max_particles=args.max_particles, threads=args.threads,
+                    seed=args.seed, max_particles=args.max_particles, threads=_threads(),
                     relion_bin=args.relion_bin, work_dir=args.work_dir)
     res = r["result"]
     best = int(res.class_resolution.argmin()) + 1
@@ -44,7 +55,7 @@ def _initial_model(args) -> int:
                           iterations=args.iterations, em_iterations=args.em_iterations, batch=args.batch,
                           initial_resolution=args.initial_resolution, final_resolution=args.final_resolution,
                           angular_step=args.angular_step, max_shift=args.max_shift, max_particles=args.max_particles,
-                          seed=args.seed, threads=args.threads, relion_bin=args.relion_bin, work_dir=args.work_dir)
+                          seed=args.seed, threads=_threads(), relion_bin=args.relion_bin, work_dir=args.work_dir)
     print(f"{args.out}: initial model from {r['n']} images ({args.symmetry}) by RELION 3.1's SGD, "
           f"{r['seconds']:.0f} s; the hand is undetermined (the structure or its mirror image)")
     return 0
@@ -57,7 +68,7 @@ def _refine3d(args) -> int:
                      symmetry=args.symmetry, iterations=args.iterations, initial_lowpass=args.initial_lowpass,
                      angular_step=args.angular_step, finest_step=args.finest_step, max_shift=args.max_shift,
                      resume=args.resume, classes=args.classes, max_particles=args.max_particles, seed=args.seed,
-                     threads=args.threads, mpi=args.mpi, mpirun=args.mpirun, relion_bin=args.relion_bin,
+                     threads=_threads(), mpi=args.mpi, mpirun=args.mpirun, relion_bin=args.relion_bin,
                      work_dir=args.work_dir)
     if args.classes > 1:
         print(f"{args.out_dir}: {args.classes} classes of {r['classes'].tolist()} particles after "
@@ -75,7 +86,7 @@ def _postprocess(args) -> int:
     res = run_postprocess(args.half1, args.half2, args.out_dir, mask=args.mask, reference=args.reference,
                           bfactor=args.bfactor, autob_lowres=args.autob_lowres, mask_threshold=args.mask_threshold,
                           particle_diameter=args.particle_diameter, pixel_size=args.pixel_size,
-                          threads=args.threads, relion_bin=args.relion_bin, work_dir=args.work_dir)
+                          threads=_threads(), relion_bin=args.relion_bin, work_dir=args.work_dir)
     msg = (f"{args.out_dir}: resolution {res.resolution:.2f} Å (corrected masked FSC 0.143, RELION 3.1), "
            f"B-factor applied {res.bfactor:.0f} Å²")
     if res.hand:

@@ -12,6 +12,8 @@ from __future__ import annotations
 import argparse
 import shlex
 
+from .. import backend
+
 
 def _motion_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("movie", help="raw movie (MRC or TIFF)")
@@ -55,7 +57,8 @@ def register(group) -> None:
                          description="Align one movie with RELION 3.1's own motion correction and write "
                                      "Conveyor's motion outputs (shifts in Conveyor's sign).")
     _motion_flags(p)
-    p.add_argument("--threads", type=int, default=1, help="RELION threads (--j)")
+    p.add_argument("--threads", type=int, default=argparse.SUPPRESS,
+                   help="RELION threads (--j); default: conveyor --threads, else every core this process may use")
     p.add_argument("--relion-bin", default=None, help="directory of the RELION binaries (default: PATH)")
     p.set_defaults(func=_relion_motion)
 
@@ -129,7 +132,8 @@ def register(group) -> None:
     p.add_argument("--spectrum-size", type=int, default=512, help="px (default 512)")
     p.add_argument("--astigmatism", type=float, default=1000.0, help="tolerated astigmatism, Å")
     p.add_argument("--fast-search", action="store_true", help="CTFFIND's faster, less accurate search")
-    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--threads", type=int, default=argparse.SUPPRESS,
+                   help="CTFFIND threads; default: conveyor --threads, else every core this process may use")
     p.add_argument("--micrograph-name", default=None)
     p.add_argument("--work-dir", default=None)
     _container_flags(p, gpu=False)
@@ -167,7 +171,7 @@ def _relion_motion(args) -> int:
         args.movie, out_sum=args.out_sum, out_sum_nodw=args.out_sum_nodw, out_shifts=args.out_shifts,
         out_plot=args.out_plot, pixel_size=args.pixel_size, voltage=args.voltage, dose_per_frame=args.dose_per_frame,
         pre_exposure=args.pre_exposure, patches=args.patches, bfactor=args.bfactor, binning=args.binning,
-        gain=args.gain, gain_rot=args.gain_rot, gain_flip=args.gain_flip, frames=args.frames, threads=args.threads,
+        gain=args.gain, gain_rot=args.gain_rot, gain_flip=args.gain_flip, frames=args.frames, threads=backend.threads(),
         relion_bin=args.relion_bin, work_dir=args.work_dir,
     )
     print(f"{args.movie}: {r['n_frames']} frames, total drift {r['total_drift']:.2f} px; "
@@ -242,7 +246,7 @@ def _ctffind(args) -> int:
         defocus_min=args.defocus_min, defocus_max=args.defocus_max, defocus_step=args.defocus_step,
         res_min=args.res_min, res_max=args.res_max, spectrum_size=args.spectrum_size,
         astigmatism=args.astigmatism, fast_search=args.fast_search, phase_shift=args.phase_shift,
-        threads=args.threads, runtime=args.apptainer, program=args.program or ctffind.PROGRAM,
+        threads=backend.threads(), runtime=args.apptainer, program=args.program or ctffind.PROGRAM,
         micrograph_name=args.micrograph_name, work_dir=args.work_dir, dry_run=args.dry_run,
     )
     if args.dry_run:
