@@ -67,9 +67,9 @@ def _refine3d(args) -> int:
     r = run_refine3d(args.particles, args.reference, args.out_dir, particle_diameter=args.particle_diameter,
                      symmetry=args.symmetry, iterations=args.iterations, initial_lowpass=args.initial_lowpass,
                      angular_step=args.angular_step, finest_step=args.finest_step, max_shift=args.max_shift,
-                     resume=args.resume, classes=args.classes, max_particles=args.max_particles, seed=args.seed,
-                     threads=_threads(), mpi=args.mpi, mpirun=args.mpirun, relion_bin=args.relion_bin,
-                     work_dir=args.work_dir)
+                     resume=args.resume, auto_continue=args.auto_continue, classes=args.classes,
+                     max_particles=args.max_particles, seed=args.seed, threads=_threads(), mpi=args.mpi,
+                     mpirun=args.mpirun, relion_bin=args.relion_bin, work_dir=args.work_dir)
     if args.classes > 1:
         print(f"{args.out_dir}: {args.classes} classes of {r['classes'].tolist()} particles after "
               f"{r['iterations']} iterations (RELION 3.1)")
@@ -168,6 +168,10 @@ def register(group) -> None:
     p.add_argument("--max-shift", type=float, default=4.0, help="px, --offset_range (default 4)")
     p.add_argument("--continue", dest="resume", action="store_true",
                    help="resume after the last finished iteration (--continue run_itNNN_optimiser.star)")
+    p.add_argument("--auto-continue", action="store_true",
+                   help="resume when OUT/relion holds an interrupted run of the same particles, reference and options "
+                   "(recorded in OUT/inputs.sha256); otherwise remove RELION's earlier files and start afresh (the "
+                   "workflow's mode)")
     p.add_argument("--classes", type=int, default=1, help="number of 3D classes (1: refinement; K > 1: --K K)")
     p.add_argument("--max-particles", type=int, default=None, help="use a random subset of this many particles")
     p.add_argument("--seed", type=int, default=0, help="random seed (--random_seed SEED+1)")

@@ -636,9 +636,9 @@ SCORE_LABELS = ("rlnLogLikeliContribution", "rlnMaxValueProbDistribution", "rlnN
 
 def run_refine3d(particles, reference, out_dir, *, particle_diameter: float, symmetry: str = "C1",
                  iterations: int = 15, initial_lowpass: float = 35.0, angular_step: float = 15.0,
-                 finest_step: float | None = None, max_shift: float = 4.0, resume: bool = False, classes: int = 1,
-                 max_particles=None, seed: int = 0, threads: int = 1, mpi: int = MIN_MPI_RANKS, mpirun=None,
-                 relion_bin=None, work_dir=None) -> dict:
+                 finest_step: float | None = None, max_shift: float = 4.0, resume: bool = False,
+                 auto_continue: bool = False, classes: int = 1, max_particles=None, seed: int = 0, threads: int = 1,
+                 mpi: int = MIN_MPI_RANKS, mpirun=None, relion_bin=None, work_dir=None) -> dict:
     """Gold-standard refinement (``classes == 1``) or 3D classification with RELION 3.1.
 
     Writes ``conveyor spa refine3d``'s files into ``out_dir``: ``half1.mrc``, ``half2.mrc``
@@ -651,7 +651,11 @@ def run_refine3d(particles, reference, out_dir, *, particle_diameter: float, sym
     and ``run.json``.
 
     RELION's project directory is ``work_dir`` or ``<out_dir>/relion`` (kept: ``resume``
-    continues from its last ``run_itNNN_optimiser.star``). ``finest_step`` has no RELION
+    continues from its last ``run_itNNN_optimiser.star``). ``auto_continue`` (the workflow's
+    mode, as natively): resume when that directory holds an interrupted run of the same
+    particles, reference and options (the native fingerprint,
+    :func:`conveyor.commands.spa_refine.run_fingerprint`, in ``<out_dir>/inputs.sha256``);
+    otherwise remove RELION's files of the earlier run and start afresh. ``finest_step`` has no RELION
     counterpart (auto-refinement chooses its own finest sampling) and is ignored.
     ``threads``: ``--j max(1, threads // 2)`` for each of the two followers of the
     refinement; ``--j threads`` for classification.
@@ -673,6 +677,13 @@ def run_refine3d(particles, reference, out_dir, *, particle_diameter: float, sym
     proj = (Path(work_dir) if work_dir is not None else out / "relion").resolve()
     job = "Class3D" if classes > 1 else "Refine3D"
     previous = _last_optimiser(proj / job)
+    if auto_continue:
+        options = dict(particles=particles, reference=reference, symmetry=symmetry,
+                       particle_diameter=particle_diameter, iterations=iterations, initial_lowpass=initial_lowpass,
+                       angular_step=angular_step, finest_step=finest_step, max_shift=max_shift, classes=classes,
+                       max_particles=max_particles, seed=seed)
+        resume = _same_run_or_fresh(out, proj / job, options, previous is not None)
+        previous = _last_optimiser(proj / job)
     if previous and not resume:
         raise InputError(out, "holds a previous refinement", "pass --continue to resume it, or choose a new --out-dir")
     if resume and previous is None:
@@ -722,6 +733,28 @@ def run_refine3d(particles, reference, out_dir, *, particle_diameter: float, sym
     if classes > 1:
         return _class3d_outputs(folder, out, ps, iterations, classes, seconds, particles)
     return _refine3d_outputs(folder, out, ps, symmetry, seconds, particles)
+
+
+def _same_run_or_fresh(out: Path, job_dir: Path, options: dict, has_previous: bool) -> bool:
+    """``auto_continue``: True when ``job_dir`` holds an interrupted RELION run of the same inputs and
+    options (the native fingerprint); otherwise remove it and ``refine.log`` and record the new fingerprint."""
+    from types import SimpleNamespace  # noqa: PLC0415
+
+    from ..commands.spa_refine import FINGERPRINT, run_fingerprint  # noqa: PLC0415
+    from ..io.atomic import write_text  # noqa: PLC0415
+
+    digest = run_fingerprint(SimpleNamespace(**options))
+    stamp = out / FINGERPRINT
+    saved = stamp.read_text().strip() if stamp.exists() else None
+    if has_previous and saved == digest:
+        log.info("%s: continuing the interrupted RELION refinement of the same inputs", out)
+        return True
+    if job_dir.exists():
+        shutil.rmtree(job_dir)
+        log.info("%s: RELION's files of an earlier run with other inputs or options removed, starting afresh", out)
+    (out / "refine.log").unlink(missing_ok=True)
+    write_text(stamp, digest + "\n")
+    return False
 
 
 def _class3d_outputs(folder: Path, out: Path, ps: ParticleSet, iterations: int, classes: int, seconds: float,

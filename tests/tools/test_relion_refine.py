@@ -170,6 +170,25 @@ def test_command_lines():
         R.mpi_prefix(2, "sh")
 
 
+def test_auto_continue_resumes_only_the_same_run(particles3d, tmp_path):
+    """--auto-continue: the native fingerprint decides between RELION's --continue and a fresh start."""
+    star, _, truth_path = particles3d
+    out, job = tmp_path / "refine", tmp_path / "refine" / "relion" / "Refine3D"
+    opts = dict(particles=str(star), reference=str(truth_path), symmetry="C1", particle_diameter=140.0, iterations=2,
+                initial_lowpass=30.0, angular_step=15.0, finest_step=None, max_shift=3.0, classes=1,
+                max_particles=None, seed=0)
+    job.mkdir(parents=True)
+    (job / "run_it001_optimiser.star").write_text("data_optimiser_general\n")
+    assert R._same_run_or_fresh(out, job, opts, has_previous=True) is False  # no fingerprint yet: afresh
+    assert not job.exists() and (out / "inputs.sha256").exists()
+    job.mkdir(parents=True)
+    (job / "run_it001_optimiser.star").write_text("data_optimiser_general\n")
+    assert R._same_run_or_fresh(out, job, opts, has_previous=True) is True  # same inputs: continue
+    assert (job / "run_it001_optimiser.star").exists()
+    assert R._same_run_or_fresh(out, job, {**opts, "seed": 5}, has_previous=True) is False  # other options
+    assert not job.exists()
+
+
 def test_particles_subset_and_paths_match_the_native_command(views2d):
     """--max-particles draws the native commands' subset; RELION gets absolute stack paths and no micrograph names."""
     from conveyor.commands.spa_classify import load_particles
@@ -292,6 +311,11 @@ def test_relion_refine3d_stops_continues_and_writes_the_native_files(particles3d
     cc = float(np.corrcoef(full.ravel(), truth.ravel())[0, 1])
     blob = float(np.corrcoef(lowpass(truth, 60.0, PIX3).ravel(), truth.ravel())[0, 1])
     assert cc > 0.75 and cc > blob + 0.05, (cc, blob)
+    # --auto-continue (the workflow's mode) with other options: RELION's earlier files go, a fresh run
+    assert main(args + ["--iterations", "1", "--seed", "5", "--auto-continue"]) == 0
+    run = json.loads((out / "run.json").read_text())
+    assert run["iterations"] == 1 and [h["iteration"] for h in run["history"]] == [1]
+    assert not (out / "relion" / "Refine3D" / "run_it002_optimiser.star").exists()
 
 
 @pytest.mark.peer
