@@ -122,6 +122,20 @@ def test_option_mappings():
         R.parse_batch("a,b")
 
 
+@pytest.mark.parametrize("native, relion", [("class2d", "relion-class2d"), ("initial-model", "relion-initial-model"),
+                                            ("refine3d", "relion-refine3d"), ("postprocess", "relion-postprocess")])
+def test_every_native_option_is_accepted(native, relion):
+    """The workflow switches tool by the command name only: each RELION command takes every native option."""
+    from conveyor.cli import build_parser
+
+    def options(group, name):
+        groups = build_parser()._subparsers._group_actions[0].choices
+        sub = groups[group]._subparsers._group_actions[0].choices[name]
+        return {(o, a.nargs, a.required) for a in sub._actions for o in a.option_strings}
+
+    assert options("spa", native) <= options("tools", relion)
+
+
 def test_command_lines():
     c2 = " ".join(R.class2d_command("relion_refine", classes=50, particle_diameter=150, iterations=25, psi_step=10,
                                     offset_range=5, offset_step=1, initial_resolution=30, max_resolution=8, ctf=True,
