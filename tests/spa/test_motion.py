@@ -169,6 +169,39 @@ def test_tiled_sum_is_exact_for_rigid_motion():
         assert err.max() < 0.01 * np.ptp(b), (err.max(), np.ptp(b))
 
 
+def test_dose_weighted_sum_by_horner_equals_explicit_filters():
+    """The Fourier-space sums (phase ramps, Horner's rule for the dose weights) equal the
+    explicit sum of each frame's spectrum times its ramp and its Grant & Grigorieff filter."""
+    rng = np.random.default_rng(6)
+    n, ny, nx = 6, 48, 64
+    fr = rng.poisson(3.0, (n, ny, nx)).astype(np.float32)
+    shifts = rng.uniform(-3, 3, (n, 2))
+    got = M.apply_shifts_and_sum(fr, shifts, pixel_size=1.2, dose_per_frame=2.0, pre_exposure=1.0, voltage=200)
+    w = M.dose_weights((n, ny, nx), 1.2, 2.0, 200, pre_exposure=1.0).astype(np.float64)
+    ky, kx = np.fft.fftfreq(ny)[:, None], np.fft.rfftfreq(nx)[None, :]
+    spec = np.fft.rfft2(fr.astype(np.float64))
+    ramp = np.exp(2j * np.pi * (kx[None] * shifts[:, 0, None, None] + ky[None] * shifts[:, 1, None, None]))
+    want_plain = np.fft.irfft2((spec * ramp).sum(axis=0), s=(ny, nx))
+    want_dw = np.fft.irfft2((spec * ramp * w).sum(axis=0), s=(ny, nx))
+    np.testing.assert_allclose(got.sum, want_plain, atol=1e-3 * np.ptp(want_plain))
+    np.testing.assert_allclose(got.dose_weighted, want_dw, atol=1e-3 * np.ptp(want_dw))
+
+
+def test_local_cc_window_finds_the_same_peaks_as_the_full_map():
+    """The coarse search evaluates the CC only at the lags within its radius; same peak as
+    the inverse FFT of the whole map, and the true shift within the parabola's error."""
+    grid = M._make_grid(100, 100, 204.0, 204.0, 1.5, 150.0, 6.7, np)  # local search: lag window
+    wide = M._make_grid(100, 100, 204.0, 204.0, 1.5, 150.0, 100.0, np)  # whole map
+    rng = np.random.default_rng(8)
+    true = rng.uniform(-5, 5, (30, 2))
+    ky, kx = np.asarray(grid.ky, float), np.asarray(grid.kx, float)
+    phase = true[:, 1, None, None] * ky[None, :, None] + true[:, 0, None, None] * kx[None, None, :]
+    cross = (np.exp(-2j * np.pi * phase) * np.asarray(grid.filt) ** 2).astype(np.complex64)
+    local, full = M._coarse_peak(cross, grid, np), M._coarse_peak(cross, wide, np)
+    np.testing.assert_allclose(local, full, atol=1e-4)
+    assert np.abs(local - true).max() < 0.25 * max(grid.scale), np.abs(local - true).max()
+
+
 def test_region_gather_clamps_edges_same_on_both_paths():
     fr = np.arange(3 * 20 * 30, dtype=np.float32).reshape(3, 20, 30)
     offsets = np.array([[[-3, 2], [0, 0], [5, -4]], [[1, 1], [-7, 9], [0, 0]]])  # [T, n, (dx, dy)]
