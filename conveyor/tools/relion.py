@@ -30,6 +30,9 @@ Conventions and conversions
 * **Extraction.** Particles whose box does not fit inside the micrograph are left out before
   RELION runs, as the native extraction does, so both give the same particle set.
 
+The later stages (2D classification, initial model, refinement, post-processing) are in
+:mod:`conveyor.tools.relion_refine`.
+
 RELION 3.1.3 (Debian package ``relion``) prints ``gs: not found`` on every job (it makes a
 PDF summary with ghostscript); that is harmless and hidden from the logs here.
 """
