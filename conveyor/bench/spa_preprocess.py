@@ -393,7 +393,7 @@ def _run_steps(work: Path, p: dict, device: str, exes: dict, log) -> list[dict]:
         })
         cmd = motion_command(exes["relion_run_motioncorr"], pixel_size=PIXEL_SIZE, voltage=VOLTAGE,
                              dose_per_frame=DOSE_PER_FRAME, pre_exposure=0.0, patches=PATCHES,
-                             bfactor=RELION_BFACTOR_PX2 * PIXEL_SIZE**2, threads=p["threads"])
+                             bfactor=RELION_BFACTOR_PX2 * 4 * PIXEL_SIZE**2, threads=p["threads"])
         return runner.relion(cmd, rel_motion, "relion_run_motioncorr")
 
     log("motion ...")

@@ -20,8 +20,12 @@ Conventions and conversions
   content lies. Measured with this adapter: a movie whose frame f content is displaced by
   ``(+1.5 f, -0.8 f)`` px gives RELION shifts ``(-1.5 f, +0.8 f)``. Conveyor stores where the
   content lies, so every RELION shift is negated (and referred to frame 1).
-* **B-factor.** RELION's ``--bfactor`` is in px²; Conveyor's ``--bfactor`` is in Å² (both
-  weight the spectrum by ``exp(-B k²)``), so RELION gets ``B / pixel_size²``.
+* **B-factor.** RELION's ``--bfactor`` is in px² and weights the cross-power spectrum by
+  ``exp(-2 B d²)`` with ``d`` in cycles/px along y (``docs/algorithms/motion.md``), i.e.
+  ``exp(-B d²)`` per image; Conveyor's is in Å² and weights each image by
+  ``exp(-B k²/4)`` with ``k`` in 1/Å. The same filter along y is therefore
+  ``B_px = B_Å / (4 pixel_size²)``, which RELION gets. (Along x RELION divides the column
+  index by the half-transform width, making its filter 4× stronger there; that is RELION's.)
 * **Gain.** The gain reference is read, rotated and flipped by Conveyor
   (:func:`conveyor.io.movie.transform_gain`, the same convention as the native command) and
   handed to RELION as an MRC file, so TIFF gain references work too.
@@ -243,12 +247,12 @@ def motion_command(exe: str, *, pixel_size: float, voltage: float, dose_per_fram
                    max_iter: int = 5) -> list[str]:
     """The ``relion_run_motioncorr --use_own`` command (run inside the project directory).
 
-    ``bfactor`` is in Å² (Conveyor's unit) and converted to RELION's px².
+    ``bfactor`` is in Å² (Conveyor's unit) and converted to RELION's px² (``B / (4 p²)``).
     """
     px, py = patches
     cmd = [
         exe, "--i", "movies.star", "--o", "MotionCorr/", "--use_own", "--j", str(int(threads)),
-        "--bin_factor", f"{float(binning):g}", "--bfactor", f"{float(bfactor) / pixel_size ** 2:.6g}",
+        "--bin_factor", f"{float(binning):g}", "--bfactor", f"{float(bfactor) / (4.0 * pixel_size ** 2):.6g}",
         "--patch_x", str(int(px)), "--patch_y", str(int(py)), "--max_iter", str(int(max_iter)),
         "--dose_weighting", "--save_noDW", "--angpix", f"{pixel_size:g}", "--voltage", f"{voltage:g}",
         "--dose_per_frame", f"{dose_per_frame:g}", "--preexposure", f"{pre_exposure:g}",

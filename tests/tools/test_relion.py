@@ -121,11 +121,11 @@ def test_relion_shift_sign_converted_on_stored_output():
 
 def test_motion_command_units():
     cmd = relion.motion_command("relion_run_motioncorr", pixel_size=2.0, voltage=200, dose_per_frame=1.2,
-                                pre_exposure=0.5, patches=(5, 5), bfactor=600, binning=2, gain_mrc="gain.mrc",
+                                pre_exposure=0.5, patches=(5, 5), bfactor=2400, binning=2, gain_mrc="gain.mrc",
                                 threads=3)
     s = " ".join(cmd)
     assert "--use_own" in cmd and "--dose_weighting" in cmd and "--save_noDW" in cmd
-    assert "--bfactor 150" in s  # 600 Å² at 2 Å/px = 150 px²
+    assert "--bfactor 150" in s  # 2400 Å² at 2 Å/px = 150 px² (B_px = B_Å / 4p²)
     assert "--patch_x 5 --patch_y 5" in s and "--bin_factor 2" in s and "--j 3" in s
     assert "--gainref gain.mrc --gain_rot 0 --gain_flip 0" in s
     assert "--voltage 200 --dose_per_frame 1.2 --preexposure 0.5" in s
