@@ -621,13 +621,14 @@ class _Cosets:
             if st is None or st.shape != (size,) * 3 + (k,):
                 st = self._buffers[si] = xp.empty((size,) * 3 + (k,), dtype=xp.float32)
             # W ∘ P = flip_D(W ∘ Π) with Π = |P| and D = Πᵀ P diagonal: one transposed copy
-            # per axis permutation, then plane by plane (in cache) flips into the stack
+            # per axis permutation, then slab by slab (in cache) flips into the stack
+            zc = _slab_planes(size, k, xp)
             for perm, members in _classes([p.T for p in s.perms]):
                 src = xp.ascontiguousarray(permuted_volume(model, perm))
-                for z in range(size):
+                for z0 in range(0, size, zc):
+                    z1 = min(size, z0 + zc)
                     for g, d in members:
-                        plane = src[size - 1 - z] if d[2] < 0 else src[z]
-                        st[z, :, :, g] = _flip_plane(plane, d)
+                        st[z0:z1, :, :, g] = _slab(src, z0, z1, d)
             out.append(st.reshape(-1, k))
         return out
 
@@ -640,13 +641,14 @@ class _Cosets:
         """
         size = accs[0].shape[0]
         vs = [v.reshape((size,) * 3 + (v.shape[1],)) for v in values]
+        zc = _slab_planes(size, vs[0].shape[3], xp)
         for perm, members in _classes(self.sets[si].perms, right=True):
             tmp = xp.zeros((len(accs),) + (size,) * 3, dtype=xp.float32)
-            for z in range(size):
+            for z0 in range(0, size, zc):
+                z1 = min(size, z0 + zc)
                 for c, v in enumerate(vs):
                     for g, d in members:
-                        plane = v[size - 1 - z] if d[2] < 0 else v[z]
-                        tmp[c, z] += _flip_plane(plane[:, :, g], d)
+                        tmp[c, z0:z1] += _slab(v, z0, z1, d)[..., g]
             for c, acc in enumerate(accs):
                 acc += permuted_volume(tmp[c], perm)
 
@@ -665,9 +667,17 @@ def _classes(perms, right: bool = False):
     return list(out.values())
 
 
-def _flip_plane(plane, d):
-    """A ``[y, x, ...]`` plane flipped along y and x where the sign vector ``d`` (x, y, z) is negative."""
-    return plane[:: int(d[1]), :: int(d[0])]
+def _slab(v, z0, z1, d):
+    """Planes ``z0 … z1 − 1`` of ``v`` ``[z, y, x, ...]`` flipped about the centre along the axes
+    where the sign vector ``d`` ``(x, y, z)`` is negative (a view)."""
+    size = v.shape[0]
+    src = v[size - z1 : size - z0][::-1] if d[2] < 0 else v[z0:z1]
+    return src[:, :: int(d[1]), :: int(d[0])]
+
+
+def _slab_planes(size, k, xp) -> int:
+    """Planes per slab of a ``[size³, k]`` float32 array: about 1 MB on a CPU (in cache), all on a GPU."""
+    return size if xp is not np else max(1, (1 << 20) // (4 * k * size * size))
 
 
 def _chunk_bytes(xp) -> int:
@@ -695,11 +705,13 @@ class _Pool:
     """``map`` over blocks in ``threads`` threads (results in order), BLAS at one thread each.
 
     The sparse products (scipy), BLAS and numpy's loops release the GIL, so blocks run in
-    parallel; with one thread (or on a GPU) it is a plain loop.
+    parallel; with one thread (or on a GPU) it is a plain loop. The worker threads live as
+    long as the pool, so work arrays can be kept per thread (:func:`_slot`).
     """
 
     def __init__(self, threads: int):
         self.threads = max(1, int(threads))
+        self._ex = None
 
     def __call__(self, fn, items):
         items = list(items)
@@ -715,8 +727,22 @@ class _Pool:
             one_blas = threadpool_limits(1)
         except ImportError:  # pragma: no cover - threadpoolctl comes with scikit-learn
             one_blas = nullcontext()
-        with one_blas, ThreadPoolExecutor(min(self.threads, len(items))) as ex:
-            yield from ex.map(fn, items)
+        if self._ex is None:
+            self._ex = ThreadPoolExecutor(self.threads)
+        with one_blas:
+            yield from self._ex.map(fn, items)
+
+    def close(self):
+        if self._ex is not None:
+            self._ex.shutdown()
+            self._ex = None
+
+
+def _slot() -> int:
+    """Key of the calling thread for per-thread work arrays."""
+    import threading  # noqa: PLC0415
+
+    return threading.get_ident()
 
 
 class _Slicer:
@@ -819,6 +845,21 @@ class _Slicer:
             b = self._work[key] = self.xp.empty(n, dtype=self.xp.float32)
         return b[:n]
 
+    def reserve(self, dense: bool):
+        """Allocate (and touch) the work arrays of an iteration in the set-up (one thread).
+
+        ``Kᵀ P`` of a block (dense frames), the summed merge and the merge denominator per
+        set, so that the first iteration costs what the others do.
+        """
+        nvox = self.size**3
+        for si, j0, j1, c0, c1 in self.blocks:
+            k = self.cosets.sets[si].perms.shape[0]
+            if dense:
+                self.buffer(("num", _slot()), self.npix * (c1 - c0)).fill(0.0)
+            self.buffer(("sum", si), nvox * (k if self.cov is not None else 2 * k)).fill(0.0)
+            if self.cov is not None:
+                self.buffer(("den", si), nvox * k).fill(0.0)
+
     def coverage(self, bi):
         """CSR ``[voxels, nb]``: ``Σ_t c_t f_jt,v``, the efficiency-weighted trilinear weight
         that the pixels of coset ``j`` put on voxel ``v`` (``(S M)ᵀ`` with ``S`` summing the
@@ -864,26 +905,49 @@ class _Slicer:
             first = False
         return out
 
-    def merge(self, bi, num, pphi, bases=None):
-        """Stacked merge of block ``bi``: ``(Mᵀ num, denominator or None)``, each ``[voxels, k]``.
+    def merge(self, bi, num, pphi, bases=None, into=None):
+        """Stacked merge of block ``bi``: ``Mᵀ @ values`` ``[voxels, c]``.
 
         ``num`` ``[pixels, nb' k]`` are the photons ``Σ_d P_dr K_dt`` of the rotations of
         the cosets ``bases`` (all when None); ``pphi`` ``[nb, k]`` the probability mass
         times scale ``Σ_d P_dr φ_d`` of every rotation of the block. With kept coverage
-        matrices the denominator is left to :meth:`denominator` (None); otherwise it rides
-        along as ``k`` more columns of the same sparse product.
+        matrices the values are ``num`` (``c = k``; the denominator is left to
+        :meth:`denominator`); otherwise the denominator rides along as ``k`` more columns
+        (``c = 2k``: numerator, then denominator). With ``into`` the product is added to
+        that array (no new one) and None returned.
         """
         xp = self.xp
         m = self.matrix(bi, bases)
         k = pphi.shape[1]
         if self.cov is not None:
-            return xp.asarray(m.T @ num.reshape(-1, k)), None
-        pp = pphi if bases is None else pphi[xp.asarray(bases)]
-        vals = xp.empty((self.npix, pp.shape[0], 2 * k), dtype=xp.float32)
-        vals[:, :, :k] = num.reshape(self.npix, pp.shape[0], k)
-        xp.multiply(self.c[:, None, None], pp[None, :, :], out=vals[:, :, k:])
-        out = xp.asarray(m.T @ vals.reshape(-1, 2 * k))
-        return out[:, :k], out[:, k:]
+            x = num.reshape(-1, k)
+        else:
+            pp = pphi if bases is None else pphi[xp.asarray(bases)]
+            vals = self.buffer(("vals", _slot()), self.npix * pp.shape[0] * 2 * k).reshape(self.npix, pp.shape[0], 2 * k)
+            vals[:, :, :k] = num.reshape(self.npix, pp.shape[0], k)
+            xp.multiply(self.c[:, None, None], pp[None, :, :], out=vals[:, :, k:])
+            x = vals.reshape(-1, 2 * k)
+        if into is None:
+            return xp.asarray(m.T @ x)
+        _add_transposed_product(into, m, x, xp)
+        return None
+
+
+def _add_transposed_product(out, m, x, xp):
+    """``out += mᵀ @ x`` for a CSR matrix ``m`` and dense ``x``, ``out`` ``[m.shape[1], c]``.
+
+    On a CPU scipy's own kernel (the one ``m.T @ x`` calls) adds into ``out`` directly:
+    no new ``[voxels, c]`` array, whose fresh pages cost more than the product.
+    """
+    if xp is np and out.flags.c_contiguous and x.flags.c_contiguous and out.dtype == x.dtype == m.dtype:
+        try:
+            from scipy.sparse import _sparsetools  # noqa: PLC0415
+        except ImportError:  # pragma: no cover - scipy without the module
+            _sparsetools = None
+        if _sparsetools is not None and hasattr(_sparsetools, "csc_matvecs"):
+            _sparsetools.csc_matvecs(m.shape[1], m.shape[0], x.shape[1], m.indptr, m.indices, m.data, x.ravel(), out.ravel())
+            return
+    out += m.T @ x
 
 
 def estimate_beta(frames, qvox, corr=None, spread: float = BETA_SPREAD) -> float:
@@ -1119,6 +1183,10 @@ def emc(
         budget_left -= sl_.cache_bytes
         slicers.append(sl_)
     pool = _Pool(n_threads if xp is np else 1)
+    cosets.stacks(model, xp)  # allocates the stacked models
+    if pool.threads == 1:
+        for g, slc in zip(groups, slicers):
+            slc.reserve(dense=not g.sparse)
     log.info("EMC: %d rotations in %d cosets, %d blocks, %d threads; set-up %.1f s", n_rot,
              sum(s.members.shape[0] for s in cosets.sets), sum(len(s.blocks) for s in slicers), pool.threads, time.time() - t_all)
 
@@ -1216,31 +1284,37 @@ def emc(
                 if g.sparse:
                     num = xp.asarray(g.kt @ pb, dtype=xp.float32)  # [npix, nb k]: Σ_d P_dr K_dt
                 else:
-                    num = slc.buffer(("num", bi), slc.npix * pb.shape[1]).reshape(slc.npix, pb.shape[1])
+                    num = slc.buffer(("num", _slot()), slc.npix * pb.shape[1]).reshape(slc.npix, pb.shape[1])
                     xp.matmul(g.k.T, pb, out=num)
                 pp = pp.reshape(j1 - j0, k)
                 pphis[bi] = pp
-                return si, slc.merge(bi, num, pp, bases)
+                if pool.threads > 1:  # each block its own result, added in block order below
+                    return si, slc.merge(bi, num, pp, bases)
+                into = sums.get(si)
+                if into is None:
+                    c = k if slc.cov is not None else 2 * k
+                    into = sums[si] = slc.buffer(("sum", si), size**3 * c).reshape(-1, c)
+                    into[...] = 0.0
+                slc.merge(bi, num, pp, bases, into=into)
+                return si, None
 
-            pphis = {}
-            stacked = [None] * len(cosets.sets)
+            pphis, sums = {}, {}
             for si, m in pool(merge, range(len(slc.blocks))):  # in block order: deterministic sums
                 if m is None:
                     continue
-                if stacked[si] is None:
-                    stacked[si] = list(m)
+                if si in sums:
+                    sums[si] += m
                 else:
-                    stacked[si][0] += m[0]
-                    if m[1] is not None:
-                        stacked[si][1] += m[1]
+                    sums[si] = m
                 del m
-            for si, m in enumerate(stacked):
-                if m is not None and m[1] is None:
-                    m[1] = slc.denominator(si, {bi: pp for bi, pp in pphis.items() if slc.blocks[bi][0] == si})
-            for si, m in enumerate(stacked):
-                if m is not None:
-                    cosets.unstack((acc_num, acc_den), si, m, xp)
-            del stacked
+            for si, m in sums.items():
+                k = cosets.sets[si].perms.shape[0]
+                if slc.cov is not None:
+                    den = slc.denominator(si, {bi: pp for bi, pp in pphis.items() if slc.blocks[bi][0] == si})
+                    cosets.unstack((acc_num, acc_den), si, (m, den), xp)
+                else:
+                    cosets.unstack((acc_num, acc_den), si, (m[:, :k], m[:, k:]), xp)
+            del sums
         n_active = int(active_any.sum())
         acc_num, acc_den = acc_num.ravel(), acc_den.ravel()
         new_model, weight = _finish(acc_num, acc_den, size, symmetry, friedel, xp)
@@ -1269,6 +1343,7 @@ def emc(
                  it, beta, row["log_likelihood"], mi_all, rms, n_active, n_rot, row["seconds"])
         if callback is not None:
             callback(EMCState(it, model, weight, phi, best, maxp, ll_frame, beta, row))
+    pool.close()
     if weight is None:  # nothing ran (resumed at the last iteration): report the given model
         weight = (model > 0).astype(xp.float32)
     best_h = backend.to_host(best)

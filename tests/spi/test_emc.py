@@ -145,9 +145,15 @@ def test_coset_expand_and_merge_equal_per_rotation_trilinear(friedel, cache_mb):
         rot = cos.order[c0:c1]
         slices[rot] = np.concatenate([s for _, _, s in slicer.expand(stacks[si], bi)]).T
         k = cos.sets[si].perms.shape[0]
-        m_num, m_den = slicer.merge(bi, np.ascontiguousarray(num[rot].T), pphi[rot].reshape(j1 - j0, k))
-        if m_den is None:  # kept coverage matrices
-            m_den = slicer.denominator(si, {bi: pphi[rot].reshape(j1 - j0, k)})
+        nums = np.ascontiguousarray(num[rot].T)
+        m = slicer.merge(bi, nums, pphi[rot].reshape(j1 - j0, k))
+        into = np.zeros_like(m)
+        assert slicer.merge(bi, nums, pphi[rot].reshape(j1 - j0, k), into=into) is None
+        assert np.allclose(into, m, rtol=1e-5, atol=1e-6 * m.max())  # added in place: the same
+        if slicer.cov is not None:  # kept coverage matrices give the denominator
+            m_num, m_den = m, slicer.denominator(si, {bi: pphi[rot].reshape(j1 - j0, k)})
+        else:
+            m_num, m_den = m[:, :k], m[:, k:]
         cos.unstack((acc_num, acc_den), si, (m_num, m_den), np)
     assert np.allclose(slices, ref_slices, rtol=0, atol=1e-5)
     assert np.allclose(acc_num.ravel(), ref_num, rtol=0, atol=1e-5 * ref_num.max())
@@ -196,6 +202,9 @@ def test_dense_sparse_and_split_geometries_agree(capsid):
     assert np.allclose(sparse.max_prob, dense.max_prob, atol=1e-3)
     nocache = E.emc(k, q, "auto", quats, weights, cache_mb=0, **kw)
     assert np.allclose(nocache.intensity, dense.intensity, atol=1e-4 * scale)
+    for threads in (1, 3):  # blocks summed in one array, or one result per block and thread
+        other = E.emc(k, q, "auto", quats, weights, threads=threads, **kw)
+        assert np.allclose(other.intensity, dense.intensity, atol=1e-4 * scale)
 
 
 def test_log_likelihood_matches_a_float64_computation(capsid):
