@@ -3,9 +3,9 @@
 # (micrographs_ctf.star, particles.star).
 #
 # With the native tools (and whenever every step runs in the same container image, see
-# spa_one_job in common.smk) a movie is ONE job, spa_preprocess_movie: `conveyor spa
+# spa_one_job in common.smk) a movie is one job, spa_preprocess_movie: `conveyor spa
 # preprocess` runs the steps' command lines one after the other in one process, each with
-# its own log. Snakemake's cost is per job (building the DAG, scheduling, ~0.2 s of CPU each),
+# its own log. Snakemake's cost is per job (building the DAG, scheduling, 0.1-0.2 s of CPU),
 # so 10,000 movies are 10,000 jobs, not 50,000. When a peer tool brings its own image, each
 # step is its own job in its image (rules spa_validate_movie in spa_import.smk, spa_motion,
 # spa_ctf, spa_pick, spa_extract below). Both forms write the same files and logs and run
