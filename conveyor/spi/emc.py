@@ -706,7 +706,7 @@ class _Pool:
 
     The sparse products (scipy), BLAS and numpy's loops release the GIL, so blocks run in
     parallel; with one thread (or on a GPU) it is a plain loop. The worker threads live as
-    long as the pool, so work arrays can be kept per thread (:func:`_slot`).
+    long as the pool.
     """
 
     def __init__(self, threads: int):
@@ -736,13 +736,6 @@ class _Pool:
         if self._ex is not None:
             self._ex.shutdown()
             self._ex = None
-
-
-def _slot() -> int:
-    """Key of the calling thread for per-thread work arrays."""
-    import threading  # noqa: PLC0415
-
-    return threading.get_ident()
 
 
 class _Slicer:
@@ -845,17 +838,15 @@ class _Slicer:
             b = self._work[key] = self.xp.empty(n, dtype=self.xp.float32)
         return b[:n]
 
-    def reserve(self, dense: bool):
+    def reserve(self):
         """Allocate (and touch) the work arrays of an iteration in the set-up (one thread).
 
-        ``Kᵀ P`` of a block (dense frames), the summed merge and the merge denominator per
-        set, so that the first iteration costs what the others do.
+        The summed merge and the merge denominator per set, so that the first iteration
+        costs what the others do.
         """
         nvox = self.size**3
         for si, j0, j1, c0, c1 in self.blocks:
             k = self.cosets.sets[si].perms.shape[0]
-            if dense:
-                self.buffer(("num", _slot()), self.npix * (c1 - c0)).fill(0.0)
             self.buffer(("sum", si), nvox * (k if self.cov is not None else 2 * k)).fill(0.0)
             if self.cov is not None:
                 self.buffer(("den", si), nvox * k).fill(0.0)
@@ -905,32 +896,41 @@ class _Slicer:
             first = False
         return out
 
-    def merge(self, bi, num, pphi, bases=None, into=None):
-        """Stacked merge of block ``bi``: ``Mᵀ @ values`` ``[voxels, c]``.
+    def merge(self, bi, frames, prob, pphi, into, bases=None):
+        """Add the stacked merge of block ``bi`` to ``into`` ``[voxels, c]``, in pixel chunks.
 
-        ``num`` ``[pixels, nb' k]`` are the photons ``Σ_d P_dr K_dt`` of the rotations of
-        the cosets ``bases`` (all when None); ``pphi`` ``[nb, k]`` the probability mass
-        times scale ``Σ_d P_dr φ_d`` of every rotation of the block. With kept coverage
-        matrices the values are ``num`` (``c = k``; the denominator is left to
-        :meth:`denominator`); otherwise the denominator rides along as ``k`` more columns
-        (``c = 2k``: numerator, then denominator). With ``into`` the product is added to
-        that array (no new one) and None returned.
+        ``frames`` are the group's photon counts: ``K`` ``[n, pixels]`` (dense) or ``Kᵀ``
+        CSR ``[pixels, n]`` (sparse, ``frames.sparse``); ``prob`` ``[n, nb' k]`` the
+        probabilities of the rotations of the cosets ``bases`` (all when None), so a chunk's
+        photons are ``Σ_d P_dr K_dt`` = ``Kᵀ P`` rows; ``pphi`` ``[nb, k]`` is the
+        probability mass times scale ``Σ_d P_dr φ_d`` of every rotation of the block. With
+        kept coverage matrices ``c = k`` (the denominator is left to :meth:`denominator`);
+        otherwise the denominator rides along as ``k`` more columns (``c = 2k``).
         """
         xp = self.xp
-        m = self.matrix(bi, bases)
-        k = pphi.shape[1]
-        if self.cov is not None:
-            x = num.reshape(-1, k)
-        else:
-            pp = pphi if bases is None else pphi[xp.asarray(bases)]
-            vals = self.buffer(("vals", _slot()), self.npix * pp.shape[0] * 2 * k).reshape(self.npix, pp.shape[0], 2 * k)
-            vals[:, :, :k] = num.reshape(self.npix, pp.shape[0], k)
-            xp.multiply(self.c[:, None, None], pp[None, :, :], out=vals[:, :, k:])
-            x = vals.reshape(-1, 2 * k)
-        if into is None:
-            return xp.asarray(m.T @ x)
-        _add_transposed_product(into, m, x, xp)
-        return None
+        i8, w8 = self._corners(bi)
+        if bases is not None:
+            i8, w8 = i8[:, bases], w8[:, bases]
+        nb, k = i8.shape[1], pphi.shape[1]
+        pp = pphi if bases is None else pphi[xp.asarray(bases)]
+        step = max(1, _chunk_bytes(xp) // (8 * nb * k))
+        sp = _sparse_module(xp)
+        for t0 in range(0, self.npix, step):
+            t1 = min(self.npix, t0 + step)
+            rows = (t1 - t0) * nb
+            m = sp.csr_matrix((w8[t0:t1].ravel(), i8[t0:t1].ravel(), self._indptr[: rows + 1]), shape=(rows, self.size**3))
+            if frames.sparse:
+                num = xp.asarray(frames.kt[t0:t1] @ prob, dtype=xp.float32)
+            else:
+                num = frames.k[:, t0:t1].T @ prob  # [t1 - t0, nb k]
+            if self.cov is not None:
+                x = num.reshape(-1, k)
+            else:
+                x = xp.empty((t1 - t0, nb, 2 * k), dtype=xp.float32)
+                x[:, :, :k] = num.reshape(t1 - t0, nb, k)
+                xp.multiply(self.c[t0:t1, None, None], pp[None, :, :], out=x[:, :, k:])
+                x = x.reshape(-1, 2 * k)
+            _add_transposed_product(into, m, x, xp)
 
 
 def _add_transposed_product(out, m, x, xp):
@@ -1185,8 +1185,8 @@ def emc(
     pool = _Pool(n_threads if xp is np else 1)
     cosets.stacks(model, xp)  # allocates the stacked models
     if pool.threads == 1:
-        for g, slc in zip(groups, slicers):
-            slc.reserve(dense=not g.sparse)
+        for slc in slicers:
+            slc.reserve()
     log.info("EMC: %d rotations in %d cosets, %d blocks, %d threads; set-up %.1f s", n_rot,
              sum(s.members.shape[0] for s in cosets.sets), sum(len(s.blocks) for s in slicers), pool.threads, time.time() - t_all)
 
@@ -1276,26 +1276,23 @@ def emc(
                     return si, None
                 bases = None if act.size == j1 - j0 else act
                 cols = slice(c0, c1) if bases is None else xp.asarray((c0 + bases[:, None] * k + np.arange(k)).ravel())
-                pb, pp = p[:, cols], pphi[c0:c1]
+                pb, pp = xp.ascontiguousarray(p[:, cols]), pphi[c0:c1]
                 off = ~act_g[c0:c1]
                 if off.any():  # inactive rotations of active cosets stay out of the merge
                     keep = xp.asarray(~off, dtype=xp.float32)
                     pb, pp = pb * (keep if bases is None else keep.reshape(-1, k)[xp.asarray(bases)].ravel()), pp * keep
-                if g.sparse:
-                    num = xp.asarray(g.kt @ pb, dtype=xp.float32)  # [npix, nb k]: Σ_d P_dr K_dt
-                else:
-                    num = slc.buffer(("num", _slot()), slc.npix * pb.shape[1]).reshape(slc.npix, pb.shape[1])
-                    xp.matmul(g.k.T, pb, out=num)
                 pp = pp.reshape(j1 - j0, k)
                 pphis[bi] = pp
-                if pool.threads > 1:  # each block its own result, added in block order below
-                    return si, slc.merge(bi, num, pp, bases)
+                c = k if slc.cov is not None else 2 * k
+                if pool.threads > 1:  # each block its own sum, added in block order below
+                    into = xp.zeros((size**3, c), dtype=xp.float32)
+                    slc.merge(bi, g, pb, pp, into, bases)
+                    return si, into
                 into = sums.get(si)
                 if into is None:
-                    c = k if slc.cov is not None else 2 * k
                     into = sums[si] = slc.buffer(("sum", si), size**3 * c).reshape(-1, c)
                     into[...] = 0.0
-                slc.merge(bi, num, pp, bases, into=into)
+                slc.merge(bi, g, pb, pp, into, bases)
                 return si, None
 
             pphis, sums = {}, {}
