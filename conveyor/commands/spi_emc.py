@@ -276,8 +276,8 @@ def _save_state(path, state, fingerprint, beta0, log_rows):
 
     with atomic_path(path) as tmp:
         with h5py.File(tmp, "w") as f:
-            f.create_dataset("model", data=backend.to_host(state.model).astype(np.float32), compression="gzip", compression_opts=1)
-            f.create_dataset("weight", data=backend.to_host(state.weight).astype(np.float32), compression="gzip", compression_opts=1)
+            f.create_dataset("model", data=backend.to_host(state.model).astype(np.float32), compression="lzf")
+            f.create_dataset("weight", data=backend.to_host(state.weight).astype(np.float32), compression="lzf")
             f.create_dataset("scales", data=backend.to_host(state.scales).astype(np.float32))
             f.create_dataset("best", data=backend.to_host(state.best).astype(np.int64))
             f.create_dataset("max_prob", data=backend.to_host(state.max_prob).astype(np.float32))

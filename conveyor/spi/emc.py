@@ -74,7 +74,8 @@ twelfth of the rotations) and kept as a CSR matrix ``M`` ``[pixels × cosets, vo
 with the frames (taken in pixel chunks that stay in cache, as ``Σ_t K_dt (log S_rt −
 ref_t) + Σ_t K_dt ref_t`` with ``ref_t`` the log of the model's radial mean and the
 per-frame terms kept in float64, so float32 carries only differences between rotations:
-within 0.2 nat of float64 with ~2e5 photons per frame, against ~3 nat summing directly). The merge is ``Mᵀ @ (Kᵀ P)`` (``Kᵀ P`` from one matrix product) for the
+within 0.2 nat of float64 with ~2e5 photons per frame, against ~3 nat summing directly).
+The merge is ``Mᵀ @ (Kᵀ P)`` (in the same pixel chunks, added into one kept array) for the
 numerator and a per-coset coverage matrix times ``Σ_d P_dr φ_d`` for the denominator;
 the 12 stacked results are folded back (flips summed plane by plane, one transposed add
 per axis permutation). Rotations outside complete cosets (e.g. some of a Friedel-half
@@ -746,8 +747,8 @@ class _Slicer:
     ``R_jᵀ q_t``), rows ordered pixel-major (``t nb + j``): expand is ``M @ stack`` taken
     in pixel chunks (row ranges of ``M``), which gives the tomograms as
     ``[pixels, nb k]``, the layout the likelihood product ``K @ log S`` takes, and merge
-    is ``Mᵀ @ (Kᵀ P)`` with ``Kᵀ P`` ``[pixels, nb k]`` from one matrix product, so
-    nothing is transposed. The denominator of the merge uses the coverage matrix
+    is ``Mᵀ @ (Kᵀ P)`` with ``Kᵀ P`` ``[pixels, nb k]`` from matrix products in the same
+    chunks, so nothing is transposed. The denominator of the merge uses the coverage matrix
     ``[voxels, nb]`` (:meth:`coverage`), about a third the size of ``M``. The rotated
     pixel positions never change between iterations: when every block fits in
     ``cache_bytes`` (88 bytes per coset-pixel pair) ``M`` and the coverage are kept,
