@@ -203,8 +203,9 @@ def test_dense_sparse_and_split_geometries_agree(capsid):
     nocache = E.emc(k, q, "auto", quats, weights, cache_mb=0, **kw)
     assert np.allclose(nocache.intensity, dense.intensity, atol=1e-4 * scale)
     for threads in (1, 3):  # blocks summed in one array, or one result per block and thread
-        other = E.emc(k, q, "auto", quats, weights, threads=threads, **kw)
-        assert np.allclose(other.intensity, dense.intensity, atol=1e-4 * scale)
+        for block, cache in ((None, None), (60, None), (60, 0)):
+            other = E.emc(k, q, "auto", quats, weights, threads=threads, block_size=block, cache_mb=cache, **kw)
+            assert np.allclose(other.intensity, dense.intensity, atol=1e-4 * scale)
 
 
 def test_log_likelihood_matches_a_float64_computation(capsid):
