@@ -516,6 +516,8 @@ def spa_refine3d_opts(wildcards):
 def spa_reference_map():
     """A known map to validate the final map against: spa.postprocess.reference, or the
     simulator's truth for simulated data."""
+    if not config.get("spa"):
+        return []
     ref = config["spa"]["postprocess"].get("reference")
     if ref:
         return [ref]
