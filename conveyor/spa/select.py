@@ -4,17 +4,22 @@ Features (one row per class)
 ----------------------------
 ``R`` is the mask radius in px (half the particle diameter given to the classifier).
 
-All but ``log_contrast`` are independent of the image scale.
+No feature depends on the image scale (pixel size, box, mask radius in px), on the
+absolute signal-to-noise ratio (dose, detector, ice thickness, defocus) or on the class
+populations (which follow the number of classes asked for rather than the quality of a
+class): the one density feature, ``contrast_rel``, is relative to the other classes of the
+same classification.
 
 * ``resolution_rel`` — log of the class's estimated resolution (SSNR = 1, Å) over the
   particle diameter: good classes resolve features much finer than the particle;
 * ``resolution_nyquist`` — ``2 × pixel / resolution`` (1 at Nyquist);
-* ``count_share`` — ``log(count × K / total)``: population relative to an even split;
-* ``log_contrast`` — log of the mean density of the core (``r < 0.5 R``) over ``2R × pixel``
-  (Å²). Averages are in units of the particle images' background noise (extraction
-  normalises it to 1); one protein's projected density grows with its thickness (∝ ``2R``
-  in Å) and the noise per pixel falls with the pixel size, so the ratio is about the same
-  for any protein, while ice, contamination and aggregates are several times denser;
+* ``contrast_rel`` — log of the class's core density (mean of the average over ``r < 0.5 R``)
+  over the particle-weighted median core density of all classes of the classification.
+  All classes of one classification share the specimen, pixel size, dose, ice, CTFs and
+  normalisation, so the ratio cancels them (the absolute density in units of the images'
+  noise changes several-fold between a bin-4 and a full-size box): protein classes lie near
+  0 as long as most particles are in particle classes, ice, contamination and aggregates
+  are several times denser, empty classes and carbon edges fainter;
 * ``com_offset`` — distance of the centre of mass of the positive density from the box
   centre, over ``R`` (off-centre particles);
 * ``gyration`` — radius of gyration of the positive density over ``R`` (small blobs,
@@ -33,8 +38,9 @@ All but ``log_contrast`` are independent of the image scale.
 * ``symmetry`` — best correlation with itself rotated by 360°/n, n = 2…6;
 * ``anisotropy`` — share of the variance explained by the best one-dimensional profile
   (straight edges: carbon);
-* ``detail`` — share of the power at spatial frequencies above 6 / (2R) among those above
-  1 / (2R) (internal structure, secondary structure at good resolution);
+* ``detail`` — share of the power at spatial frequencies above ``min(3 / R, 1/4)`` cycles/px
+  among those above 1 / (2R) (internal structure: domains in a coarse first-round box,
+  secondary structure in a fine one);
 * ``negative_fraction`` — share of the absolute density that is negative (protein is
   white; amplitude objects through the Wiener filter are not).
 
@@ -70,7 +76,7 @@ import yaml
 
 from ..errors import InputError
 
-FEATURES = ("resolution_rel", "resolution_nyquist", "count_share", "log_contrast", "com_offset", "gyration", "extent",
+FEATURES = ("resolution_rel", "resolution_nyquist", "contrast_rel", "com_offset", "gyration", "extent",
             "edge_fraction", "ring_ratio", "core_contrast", "peak_ratio", "roundness", "symmetry", "anisotropy", "detail",
             "negative_fraction")
 
@@ -92,8 +98,12 @@ def _corr(a, b, w):
     return float((a * b).sum() / den) if den > 0 else 0.0
 
 
-def image_features(image, radius_px: float, pixel_size: float = 1.0) -> dict:
-    """Shape features of one class average ``[B, B]`` (centre ``B // 2``) with mask radius ``radius_px``."""
+def image_features(image, radius_px: float) -> dict:
+    """Shape features of one class average ``[B, B]`` (centre ``B // 2``) with mask radius ``radius_px``.
+
+    Also ``core_density``: the mean of the (unscaled) average over ``r < 0.5 R``, from which
+    :func:`class_features` forms ``contrast_rel``.
+    """
     a = np.asarray(image, dtype=np.float64)
     b = a.shape[-1]
     c = b // 2
@@ -104,7 +114,7 @@ def image_features(image, radius_px: float, pixel_size: float = 1.0) -> dict:
     w = inside.astype(float)
     sd = a[inside].std()
     if not np.isfinite(sd) or sd <= 0:
-        return {"log_contrast": -10.0, "com_offset": 1.0, "gyration": 1.0, "extent": 1.0, "edge_fraction": 0.0,
+        return {"core_density": 0.0, "com_offset": 1.0, "gyration": 1.0, "extent": 1.0, "edge_fraction": 0.0,
                 "ring_ratio": 0.0, "core_contrast": 0.0, "peak_ratio": 1.0, "roundness": 0.0, "symmetry": 0.0, "anisotropy": 0.0,
                 "detail": 0.0, "negative_fraction": 0.5}
     a = a / sd
@@ -146,13 +156,13 @@ def image_features(image, radius_px: float, pixel_size: float = 1.0) -> dict:
         fit = np.where(cnt > 0, s / np.maximum(cnt, 1), 0.0)
         explained = (fit[u[inside]] ** 2).sum()
         best = max(best, explained / var if var > 0 else 0.0)
-    # power above 6 / (2R) among the power above 1 / (2R)
+    # power above min(3 / R, 1/4) cycles/px among the power above 1 / (2R)
     pw = np.abs(np.fft.rfft2(a * w)) ** 2
     fy = np.fft.fftfreq(b)[:, None]
     fx = np.fft.rfftfreq(b)[None, :]
     k = np.hypot(fy, fx)
     lo = k > 1.0 / (2 * rad)
-    hi = k > 6.0 / (2 * rad)
+    hi = k > min(3.0 / rad, 0.25)
     detail = float(pw[hi].sum() / pw[lo].sum()) if pw[lo].sum() > 0 else 0.0
     absd = np.abs(a[inside]).sum()
     neg = float(-a[inside][a[inside] < 0].sum() / absd) if absd > 0 else 0.5
@@ -160,20 +170,19 @@ def image_features(image, radius_px: float, pixel_size: float = 1.0) -> dict:
     core_mean = float(raw[core].mean()) if core.any() else 0.0
     ring_mean = float(raw[ring].mean()) if ring.any() else 0.0
     ring_ratio = float(np.clip(ring_mean / core_mean, -2.0, 2.0)) if core_mean > 0 else 2.0
-    log_contrast = float(np.log(max(core_mean, 1e-6) / (2.0 * rad * pixel_size)))
-    return {"log_contrast": log_contrast, "com_offset": com, "gyration": gyr, "extent": extent,
+    return {"core_density": core_mean, "com_offset": com, "gyration": gyr, "extent": extent,
             "edge_fraction": edge, "ring_ratio": ring_ratio, "core_contrast": contrast, "peak_ratio": peak,
             "roundness": roundness, "symmetry": sym, "anisotropy": float(best), "detail": detail,
             "negative_fraction": neg}
 
 
-def class_features(averages, counts, resolution, pixel_size: float, particle_diameter: float, *,
-                   total: int | None = None, n_classes: int | None = None) -> pd.DataFrame:
+def class_features(averages, counts, resolution, pixel_size: float, particle_diameter: float) -> pd.DataFrame:
     """Feature table (:data:`FEATURES`, one row per class, index = class number 1..K).
 
-    ``averages`` ``[K, B, B]``; ``counts`` particles per class; ``resolution`` Å per class;
-    ``particle_diameter`` Å (the mask diameter of the classification). ``total`` and
-    ``n_classes`` default to the sum of ``counts`` and ``K``.
+    ``averages`` ``[K, B, B]``; ``counts`` particles per class (checked for length only: no
+    feature depends on the class populations, which follow the number of classes asked for
+    rather than the quality of a class); ``resolution`` Å per class; ``particle_diameter`` Å
+    (the mask diameter of the classification).
     """
     avg = np.asarray(averages, dtype=np.float64)
     if avg.ndim == 2:
@@ -186,18 +195,43 @@ def class_features(averages, counts, resolution, pixel_size: float, particle_dia
                          "pass one count and one resolution per class")
     if not (pixel_size > 0 and particle_diameter > 0):
         raise InputError("classes", "pixel size and particle diameter must be positive", "give both in Å")
-    total = float(total if total is not None else max(counts.sum(), 1.0))
-    n_classes = int(n_classes if n_classes is not None else k)
     radius_px = 0.5 * particle_diameter / pixel_size
     rows = []
     for i in range(k):
         rr = res[i] if np.isfinite(res[i]) and res[i] > 0 else avg.shape[-1] * pixel_size
         f = {"resolution_rel": float(np.log(rr / particle_diameter)),
-             "resolution_nyquist": float(min(2.0 * pixel_size / rr, 1.0)),
-             "count_share": float(np.log(max(counts[i], 0.5) * n_classes / total))}
-        f.update(image_features(avg[i], radius_px, pixel_size))
+             "resolution_nyquist": float(min(2.0 * pixel_size / rr, 1.0))}
+        f.update(image_features(avg[i], radius_px))
         rows.append(f)
-    return pd.DataFrame(rows, index=pd.RangeIndex(1, k + 1, name="class"))[list(FEATURES)]
+    table = pd.DataFrame(rows, index=pd.RangeIndex(1, k + 1, name="class"))
+    table["contrast_rel"] = relative_contrast(table["core_density"].to_numpy(), counts)
+    return table[list(FEATURES)]
+
+
+def weighted_median(values, weights) -> float:
+    """The value below and above which half of the total weight lies (lower one on a tie)."""
+    v = np.asarray(values, dtype=float)
+    w = np.asarray(weights, dtype=float)
+    order = np.argsort(v)
+    cum = np.cumsum(w[order])
+    return float(v[order][min(np.searchsorted(cum, 0.5 * cum[-1]), len(v) - 1)])
+
+
+def relative_contrast(core_density, counts) -> np.ndarray:
+    """``contrast_rel``: log of each class's core density over the particle-weighted median of all of them.
+
+    Classes without particles do not count towards the median (all count equally when no
+    class has particles). Densities are floored at 1/1000 of the largest magnitude, so
+    empty and negative cores give a large negative value instead of a missing one; the
+    result is clipped to ±8.
+    """
+    core = np.asarray(core_density, dtype=float)
+    w = np.clip(np.asarray(counts, dtype=float), 0.0, None)
+    if not (w > 0).any():
+        w = np.ones_like(core)
+    floor = max(1e-3 * float(np.abs(core).max()), 1e-12)
+    ref = max(weighted_median(core, w), floor)
+    return np.clip(np.log(np.maximum(core, floor) / ref), -8.0, 8.0)
 
 
 # --------------------------------------------------------------------------- model
@@ -361,8 +395,7 @@ def misfit_outliers(classes, misfit, sigma: float = 3.5, min_members: int = 5):
 
 
 def select_classes(averages, counts, resolution, pixel_size: float, particle_diameter: float, mode: str = "auto",
-                   manual_classes=None, *, threshold: float = 0.5, model=None, min_particles: int = 1,
-                   total: int | None = None) -> Selection:
+                   manual_classes=None, *, threshold: float = 0.5, model=None, min_particles: int = 1) -> Selection:
     """Choose the good classes.
 
     Parameters
@@ -381,7 +414,7 @@ def select_classes(averages, counts, resolution, pixel_size: float, particle_dia
     k = avg.shape[0] if avg.ndim == 3 else 1
     if mode not in ("auto", "manual"):
         raise InputError("--mode", f"unknown selection mode {mode!r}", "use auto or manual")
-    feats = class_features(avg, counts, resolution, pixel_size, particle_diameter, total=total)
+    feats = class_features(avg, counts, resolution, pixel_size, particle_diameter)
     try:
         if model is None or isinstance(model, (str, Path)):
             model = load_model(model)

@@ -13,7 +13,9 @@ Objects (all seen through the CTF of a 300 kV microscope, weak-phase approximati
 * ``aggregate`` — 3–6 overlapping particles at random views;
 * ``empty`` — ice only;
 * ``off_centre`` — a particle 35–60 % of its diameter away from the box centre;
-* ``mixed_views`` — (class averages only) particles at views spread over the whole sphere.
+* ``mixed_views`` — (class averages only) particles at views spread over the whole sphere;
+* ``junk_mix`` — (class averages only) 2–3 of the kinds above in one class, as EM groups
+  carbon edges with empty and off-centre picks, or ice with contamination.
 
 Image formation: relative intensity ``I = (1 - a) · (1 + 2 · CTF ⊗ φ + ice)`` with ``a`` the
 amplitude objects, ``φ`` the phase (σ_e × projected potential), amorphous-ice phase noise
@@ -31,8 +33,12 @@ Two generators use these objects:
   CTFs into two half sets (``Σ H X``, ``Σ H²``; the noise of the sums drawn with its exact
   variance), then filtered, masked and centred by the same code as the classifier
   (:func:`conveyor.spa.classify2d.wiener_update`, :func:`~conveyor.spa.classify2d.centre_averages`),
-  which also gives the class resolution. Each object's image is normalised as extraction
-  does (background plane removed, divided by the background sd).
+  which also gives the class resolution. Each object's image is in units of the background
+  noise that :func:`form_images` gives (shot noise plus the ice noise through the CTF,
+  :func:`_noise_sd`) and normalised as extraction does (background plane removed, divided by
+  the background sd). The conditions (:func:`class_conditions`) span what a pipeline's
+  classification rounds produce: 16–80 px boxes, 1–16 Å/px (bin-4 first rounds to
+  full-size particles), masks of 0.9–1.5 particle diameters, 5–1500 particles per class.
 
 :func:`train_selector` fits the class selector (:mod:`conveyor.spa.select`) on a simulated
 class set and writes it as JSON; ``conveyor spa train-selector`` runs it.
@@ -57,7 +63,11 @@ from .extract import normalise_background
 log = logging.getLogger(__name__)
 
 JUNK_KINDS = ("ice", "contamination", "carbon", "aggregate", "empty", "off_centre")
-CLASS_JUNK_KINDS = JUNK_KINDS + ("mixed_views",)
+CLASS_JUNK_KINDS = JUNK_KINDS + ("mixed_views", "junk_mix")
+TRAINING_JUNK_KINDS = tuple(k for k in CLASS_JUNK_KINDS if k != "mixed_views")
+"""The junk the selector is trained to reject. Mixed views are true particles (misaligned or
+of a view too rare for a class of its own): rejecting them loses particles, and the next
+round sorts them, so they are neither junk nor good in the training set."""
 SYMMETRIES = ("C1", "C1", "C2", "C3", "C4", "C5", "C6", "C7", "D2", "D3", "D4", "D5", "D6", "T", "O")
 
 
@@ -249,22 +259,29 @@ def simulate_particle_stack(n: int = 400, box: int = 64, pixel_size: float = 3.0
                             symmetry: str = "D3", n_views: int = 3, junk_fraction: float = 0.25,
                             junk_kinds=("ice", "aggregate", "carbon", "contamination", "empty", "off_centre"),
                             junk_weights=None, view_jitter: float = 4.0, max_shift: float = 2.0,
-                            dose: float = 40.0, seed: int = 0, model=None, views=None):
+                            dose: float = 40.0, seed: int = 0, model=None, views=None,
+                            neighbour_fraction: float = 0.0):
     """A particle stack with ground truth: ``(images [n, B, B], ctf DataFrame, truth DataFrame, info)``.
 
     Particles are projections of one protein-like model at ``n_views`` views (random
     directions, rlnAngleRot/Tilt ± ``view_jitter`` degrees), uniform in-plane angle and a
-    shift up to ``max_shift`` px; junk images (``junk_fraction`` of the stack) are drawn from
-    ``junk_kinds``. Images are shuffled. ``truth`` columns: ``kind``, ``is_junk``, ``view``
-    (-1 for junk), ``rot``, ``tilt``, ``psi`` (degrees), ``dx``, ``dy`` (px, where the particle
-    lies relative to the box centre). ``info`` holds the model, its views and the optics.
+    shift up to ``max_shift`` px; ``n_views=None`` gives every particle its own direction,
+    uniform over the sphere, as in a data set without preferred orientation. Junk images
+    (``junk_fraction`` of the stack) are drawn from ``junk_kinds``. ``neighbour_fraction`` of
+    the images (particles and junk alike) also hold a neighbouring particle, its centre 1.0–1.4
+    diameters from the box centre, as picks in a crowded micrograph do. Images are shuffled.
+    ``truth`` columns: ``kind``, ``is_junk``, ``view`` (index into ``info["views"]``; the
+    image's own index with ``n_views=None``; -1 for junk), ``rot``, ``tilt``, ``psi`` (degrees),
+    ``dx``, ``dy`` (px, where the particle lies relative to the box centre). ``info`` holds the
+    model, its views and the optics.
     """
     rng = np.random.default_rng(seed)
     optics = Optics(box=box, pixel_size=pixel_size, particle_diameter=particle_diameter, dose=dose)
     if model is None:
         model = make_model(particle_diameter, symmetry, np.random.default_rng(rng.integers(2**31)))
     fac = ObjectFactory(optics, rng)
-    if views is None:
+    random_views = views is None and n_views is None
+    if views is None and not random_views:
         views = [(float(rng.uniform(0, 360)), float(np.rad2deg(np.arccos(rng.uniform(-1, 1))))) for _ in range(n_views)]
     nj = int(round(junk_fraction * n))
     ng = n - nj
@@ -280,9 +297,12 @@ def simulate_particle_stack(n: int = 400, box: int = 64, pixel_size: float = 3.0
     for i, kind in enumerate(kinds):
         view, rot, tilt, psi, dx, dy = -1, 0.0, 0.0, 0.0, 0.0, 0.0
         if kind in ("particle", "off_centre"):
-            view = int(rng.integers(len(views)))
-            rot = views[view][0] + rng.normal(0, view_jitter)
-            tilt = views[view][1] + rng.normal(0, view_jitter)
+            if random_views:
+                view, rot, tilt = i, float(rng.uniform(0, 360)), float(np.rad2deg(np.arccos(rng.uniform(-1, 1))))
+            else:
+                view = int(rng.integers(len(views)))
+                rot = views[view][0] + rng.normal(0, view_jitter)
+                tilt = views[view][1] + rng.normal(0, view_jitter)
             psi = rng.uniform(-180, 180)
             if kind == "particle":
                 dx, dy = rng.uniform(-max_shift, max_shift, 2)
@@ -302,6 +322,11 @@ def simulate_particle_stack(n: int = 400, box: int = 64, pixel_size: float = 3.0
             phase[i], amp[i] = fac.aggregate([model])
         rows.append({"kind": kind, "is_junk": int(kind != "particle"), "view": view, "rot": rot, "tilt": tilt,
                      "psi": psi, "dx": dx, "dy": dy})
+    if neighbour_fraction > 0:
+        for i in np.flatnonzero(rng.uniform(size=n) < neighbour_fraction):
+            t = rng.uniform(0, 2 * np.pi)
+            rr = rng.uniform(1.0, 1.4) * optics.d_px
+            phase[i] += fac.particle(model, random_rotations(1, rng)[0], (rr * np.cos(t), rr * np.sin(t)))[0]
     ctf = ctf_parameters(n, rng)
     images = form_images(phase, amp, ctf, optics, rng)
     truth = pd.DataFrame(rows)
@@ -318,10 +343,9 @@ class SimulatedClass:
     resolution: float  # Å
     pixel_size: float
     mask_diameter: float  # Å (the particle diameter given to the classifier)
-    total: int  # particles in the whole classification (for count fractions)
-    n_classes: int
     kind: str  # "particle" or a junk kind
     label: int  # 1 good, 0 junk
+    run: int = 0  # the simulated classification the class belongs to (shared specimen and conditions)
 
 
 def _transfer_sums(n: int, box: int, pixel_size: float, rng, max_samples: int = 24, half: int | None = None):
@@ -378,11 +402,24 @@ def _background_plane(img, bg_radius: float):
     return plane, float(np.var(img[bg] - plane[bg]))
 
 
-def _noise_sd(optics: Optics):
-    """Noise sd per pixel (relative intensity) of shot noise and ice, and the ice part's spectral shape."""
-    shot = 1.0 / (optics.dose * optics.pixel_size**2)
-    ice = ICE_NOISE_PSD * optics.thickness / optics.pixel_size**2 * 4.0 * 0.5  # 2·CTF, <CTF²> ≈ ½, mean S ≈ 1
-    return math.sqrt(shot + 0.5 * ice)
+def _noise_sd(optics: Optics, h_data) -> float:
+    """Background sd per pixel (relative intensity) of an image that :func:`form_images` forms.
+
+    Shot noise ``1 / (dose · pixel²)`` plus the amorphous-ice phase noise through the CTF:
+    the mean over all frequencies of ``4 · H_data² · PSD_ice · S(k)`` (``h_data``
+    ``[B, B//2+1]``, rfft layout; ``S`` the water structure-factor shape). At coarse pixels
+    the ice term is small (``S`` and the CTF are small at low frequency) and shot noise
+    dominates; at fine pixels the ice term matters.
+    """
+    b, ps = optics.box, optics.pixel_size
+    shot = 1.0 / (optics.dose * ps**2)
+    psd = ICE_NOISE_PSD * optics.thickness / ps**2 * _ice_shape(b, ps)
+    weight = np.full(h_data.shape[-1], 2.0)  # rfft columns stand for themselves and their conjugates
+    weight[0] = 1.0
+    if b % 2 == 0:
+        weight[-1] = 1.0
+    ice = float((4.0 * h_data**2 * psd * weight).sum() / (b * b))
+    return math.sqrt(shot + ice)
 
 
 def class_average_from_groups(groups, optics: Optics, mask_diameter: float, rng, centre_shift: float = 5.0):
@@ -398,7 +435,6 @@ def class_average_from_groups(groups, optics: Optics, mask_diameter: float, rng,
 
     rng = np.random.default_rng(rng)
     b, ps = optics.box, optics.pixel_size
-    sd = _noise_sd(optics)
     s_half = np.zeros((2, b, b // 2 + 1), dtype=np.complex128)
     c_half = np.zeros((2, b, b // 2 + 1))
     n_half = np.zeros((2, b, b // 2 + 1))  # noise power of the sums
@@ -413,6 +449,7 @@ def class_average_from_groups(groups, optics: Optics, mask_diameter: float, rng,
         if not shared:
             half, alternate = alternate, 1 - alternate
         (hhd, hsum, h2), rep = _transfer_sums(n_g, b, ps, rng, half=half)
+        sd = _noise_sd(optics, rep)
         ph = np.fft.rfft2(np.fft.ifftshift(phase))
         am = np.fft.rfft2(np.fft.ifftshift(amp))
         # inverted images (protein white), in units of the noise: X = (2 H_data Φ + A) / sd + N,
@@ -445,77 +482,178 @@ def _split(n, parts, rng):
     return rng.multinomial(n, np.ones(parts) / parts)
 
 
-def simulate_class(kind: str, models, rng, box: int | None = None) -> SimulatedClass:
-    """One simulated class average of ``kind`` (``"particle"`` or one of :data:`CLASS_JUNK_KINDS`)."""
-    rng = np.random.default_rng(rng)
-    box = int(box or rng.choice([48, 64, 64, 80]))
-    mask_px = box * rng.uniform(0.5, 0.8)
-    d_px = mask_px * rng.uniform(0.65, 0.95)
-    pixel_size = float(np.clip(rng.uniform(100.0, 350.0) / d_px, 1.0, 6.0))  # specimens of 100-350 Å
+BOXES = (16, 20, 20, 24, 28, 32, 32, 40, 48, 56, 64, 80)
+"""Box sizes (px) of the simulated classes: bin-4 first rounds (16–32 px) to full-size boxes."""
+
+
+def class_conditions(rng, box: int | None = None):
+    """Optics and mask diameter (px) of one simulated classification, as a pipeline produces them.
+
+    Box ``B`` from :data:`BOXES`; particle diameter ``B / U(1.3, 2.6)`` px (extraction boxes of
+    1.3–2.6 particle diameters); specimen 80–400 Å, so the pixel size follows (clipped to
+    1–16 Å/px, which covers bin 1 to bin 4 of 1–4 Å/px data); the mask (the particle diameter
+    the user gives the classifier) 0.9–1.5 specimen diameters, at most ``B - 2`` px; dose
+    20–80 e/Å², ice 30–300 Å thicker than the particle, protein contrast × 0.6–1.4 (specimens
+    and detectors differ from the simulated ones).
+    Returns ``(optics, mask_px)``.
+    """
+    box = int(box or rng.choice(BOXES))
+    d_px = box / rng.uniform(1.3, 2.6)
+    pixel_size = float(np.clip(rng.uniform(80.0, 400.0) / d_px, 1.0, 16.0))
     diameter = d_px * pixel_size
-    optics = Optics(box=box, pixel_size=pixel_size, particle_diameter=diameter, dose=rng.uniform(35.0, 60.0),
-                    contrast=rng.uniform(0.8, 1.2))
+    mask_px = float(min(d_px * rng.uniform(0.9, 1.5), box - 2.0))
+    optics = Optics(box=box, pixel_size=pixel_size, particle_diameter=diameter, dose=rng.uniform(20.0, 80.0),
+                    ice_thickness=diameter + rng.uniform(30.0, 300.0), contrast=rng.uniform(0.6, 1.4))
+    return optics, mask_px
+
+
+def _class_size(rng) -> int:
+    """Particles in one class: log-uniform 5–1500 (few-particle classes of many-class runs to large ones)."""
+    return int(np.exp(rng.uniform(np.log(5), np.log(1500))))
+
+
+def simulate_class(kind: str, models, rng, box: int | None = None, *, model=None, optics: Optics | None = None,
+                   mask_px: float | None = None, n: int | None = None, run: int = 0) -> SimulatedClass:
+    """One simulated class average of ``kind`` (``"particle"`` or one of :data:`CLASS_JUNK_KINDS`).
+
+    ``optics`` and ``mask_px`` (the mask diameter in px) default to :func:`class_conditions`,
+    ``model`` (the specimen) to one of ``models``, the population ``n`` to a log-uniform
+    5–1500.
+    """
+    rng = np.random.default_rng(rng)
+    if optics is None or mask_px is None:
+        optics, mask_px = class_conditions(rng, box)
+    pixel_size = optics.pixel_size
     fac = ObjectFactory(optics, rng)
-    model = models[int(rng.integers(len(models)))]
-    n = int(np.exp(rng.uniform(np.log(30), np.log(1500))))
-    n_classes = int(rng.integers(4, 51))
-    share = float(np.exp(rng.uniform(np.log(0.15), np.log(4.0))))
-    total = max(n, int(round(n * n_classes / share)))
+    if model is None:
+        model = models[int(rng.integers(len(models)))]
+    n = int(n or _class_size(rng))
     groups = []
-    centre_shift = float(rng.uniform(0.0, 6.0))  # what centring during classification moved the average
+    centre_shift = float(rng.uniform(0.0, min(6.0, 0.2 * optics.box)))  # what centring moved the average
     if kind == "particle":
-        view = random_rotations(1, rng)[0]
-        cone = rng.uniform(0.0, 15.0)
-        psi_sd = rng.uniform(0.0, 4.0)
-        shift_sd = rng.uniform(0.0, 1.0)
-        g = int(min(n, 6))
-        for n_g in _split(n, g, rng):
-            axis = rng.standard_normal(3)
-            rot = euler_to_matrix(0.0, 0.0, rng.normal(0, psi_sd)) @ view @ rotation_about_axis(axis, rng.normal(0, cone))
-            groups.append((*fac.particle(model, rot, rng.normal(0, shift_sd, 2)), n_g, True))
-        # up to 30 % of one kind of junk that EM put with this view, each one a different
-        # object: aggregates centred on a particle of the view, carbon edges (aligned with each
-        # other by EM), empty or off-centre picks
-        n_bad = int(round(n * rng.uniform(0.0, 0.3)))
-        n_groups = min(n_bad, 6)
-        bad = str(rng.choice(["aggregate", "carbon", "empty", "off_centre"]))
-        edge_angle = rng.uniform(0, 360)
-        for n_g in (_split(n_bad, n_groups, rng) if n_groups else []):
-            if bad == "aggregate":
-                obj = fac.aggregate(models, model=model, centre_rotation=view)
-            elif bad == "carbon":
-                obj = fac.carbon(angle=edge_angle + rng.normal(0, 10))
-            else:
-                obj = _junk_object(fac, bad, models, rng)
-            groups.append((*obj, n_g, False))
+        groups = _good_groups(fac, model, models, n, rng)
     else:
-        g = int(min(n, rng.integers(5, 10) if kind in ("carbon", "off_centre", "empty") else rng.integers(10, 21)))
-        sizes = _split(n, g, rng)
-        if kind == "carbon":
-            angle = rng.uniform(0, 360)
-            for n_g in sizes:
-                groups.append((*fac.carbon(angle=angle + rng.normal(0, 4)), n_g, False))
-        elif kind == "off_centre":  # still off-centre by a quarter to half a diameter after centring
-            view = random_rotations(1, rng)[0]
-            t = rng.uniform(0, 2 * np.pi)
-            rr = centre_shift + rng.uniform(0.25, 0.5) * optics.d_px
-            for n_g in sizes:
-                sh = (rr * np.cos(t) + rng.normal(0, 1.0), rr * np.sin(t) + rng.normal(0, 1.0))
-                groups.append((*fac.particle(model, view, sh), n_g, True))
-        elif kind == "mixed_views":
-            g = int(min(n, rng.integers(10, 20)))
-            for n_g, rot in zip(_split(n, g, rng), random_rotations(g, rng)):
-                groups.append((*fac.particle(model, rot, rng.normal(0, 1.0, 2)), n_g, False))
-        else:
-            for n_g in sizes:
-                groups.append((*_junk_object(fac, kind, models, rng), n_g, False))
+        for sub, n_sub in _junk_parts(kind, n, rng):
+            groups += _junk_groups(fac, sub, n_sub, model, models, centre_shift, rng)
         n_good = int(round(n * rng.uniform(0.0, 0.05 if kind == "empty" else 0.15)))
         for rot in random_rotations(min(n_good, 3), rng):
             groups.append((*fac.particle(model, rot, rng.normal(0, 1.0, 2)), n_good // min(n_good, 3), False))
+        # EM aligns every junk object to the same reference, so what the objects share (a
+        # blob's rim, a carbon edge) is in both half sets and junk classes often reach the
+        # resolution of the particle classes, or better for high-contrast objects: a random
+        # share of the objects is split between the halves, from none (the FRC sees only
+        # the heterogeneity) to all
+        consistent = rng.uniform()
+        groups = [(ph, am, n_g, shared or bool(rng.uniform() < consistent)) for ph, am, n_g, shared in groups]
     avg, res, count = class_average_from_groups(groups, optics, mask_px * pixel_size, rng, centre_shift=centre_shift)
     return SimulatedClass(average=avg, count=count, resolution=res, pixel_size=pixel_size,
-                          mask_diameter=mask_px * pixel_size, total=max(total, count), n_classes=n_classes, kind=kind,
-                          label=int(kind == "particle"))
+                          mask_diameter=mask_px * pixel_size, kind=kind, label=int(kind == "particle"), run=run)
+
+
+def simulate_run(models, rng, kinds=TRAINING_JUNK_KINDS, good_fraction=(0.25, 0.85), n_classes=(4, 20),
+                 run: int = 0) -> list[SimulatedClass]:
+    """The classes of one simulated 2D classification: one specimen, one set of conditions.
+
+    ``n_classes`` classes (drawn from the range), each a particle class with a probability
+    drawn from ``good_fraction``, else junk of one of ``kinds``. Particle classes hold 5–1500
+    particles (log-uniform), junk classes 0.2–1 times as many, so that most of a run's
+    particles are usually in particle classes, as in the picks of a usable data set, but
+    not always.
+    """
+    rng = np.random.default_rng(rng)
+    optics, mask_px = class_conditions(rng)
+    model = models[int(rng.integers(len(models)))]
+    k = int(rng.integers(n_classes[0], n_classes[1] + 1))
+    p_good = float(rng.uniform(*good_fraction))
+    out = []
+    for _ in range(k):
+        kind = "particle" if rng.uniform() < p_good else str(rng.choice(list(kinds)))
+        n = _class_size(rng)
+        if kind != "particle":
+            n = max(3, int(round(n * rng.uniform(0.2, 1.0))))
+        out.append(simulate_class(kind, models, rng, model=model, optics=optics, mask_px=mask_px, n=n, run=run))
+    return out
+
+
+def _good_groups(fac: ObjectFactory, model, models, n: int, rng):
+    """Groups of a good class: one view with the spread of a real class, and what EM mixes in.
+
+    View spread: rotations about random axes with sd 0–20° (a class of a many-class run holds
+    a cap of views; fewer classes of an asymmetric particle, a wider one), ψ sd 0–6°, shifts sd
+    0–1 px. Mixed in: up to 30 % of one kind of junk, each object different (aggregates
+    centred on a particle of the view, carbon edges aligned with each other, empty or
+    off-centre picks); in half of the classes up to 40 % of particles with a neighbour
+    1.0–1.4 diameters away (crowded micrographs).
+    """
+    view = random_rotations(1, rng)[0]
+    cone = rng.uniform(0.0, 20.0)
+    psi_sd = rng.uniform(0.0, 6.0)
+    shift_sd = rng.uniform(0.0, 1.0)
+    n_bad = int(round(n * rng.uniform(0.0, 0.3)))
+    n_nb = int(round(n * rng.uniform(0.0, 0.4))) if rng.uniform() < 0.5 else 0
+    n_nb = min(n_nb, n - n_bad)
+    n_ok = n - n_bad - n_nb
+    groups = []
+
+    def view_rotation():
+        axis = rng.standard_normal(3)
+        return euler_to_matrix(0.0, 0.0, rng.normal(0, psi_sd)) @ view @ rotation_about_axis(axis, rng.normal(0, cone))
+
+    for n_g in _split(n_ok, int(min(max(n_ok, 1), 8)), rng):
+        groups.append((*fac.particle(model, view_rotation(), rng.normal(0, shift_sd, 2)), n_g, True))
+    for n_g in (_split(n_nb, min(n_nb, 6), rng) if n_nb else []):
+        ph, am = fac.particle(model, view_rotation(), rng.normal(0, shift_sd, 2))
+        t = rng.uniform(0, 2 * np.pi)
+        rr = rng.uniform(1.0, 1.4) * fac.o.d_px
+        ph = ph + fac.particle(model, random_rotations(1, rng)[0], (rr * np.cos(t), rr * np.sin(t)))[0]
+        groups.append((ph, am, n_g, False))
+    bad = str(rng.choice(["aggregate", "carbon", "empty", "off_centre"]))
+    edge_angle = rng.uniform(0, 360)
+    for n_g in (_split(n_bad, min(n_bad, 6), rng) if n_bad else []):
+        if bad == "aggregate":
+            obj = fac.aggregate(models, model=model, centre_rotation=view)
+        elif bad == "carbon":
+            obj = fac.carbon(angle=edge_angle + rng.normal(0, 10))
+        else:
+            obj = _junk_object(fac, bad, models, rng)
+        groups.append((*obj, n_g, False))
+    return groups
+
+
+def _junk_parts(kind: str, n: int, rng):
+    """``[(kind, particles)]`` of a junk class: one kind, or for ``junk_mix`` 2–3 kinds in random shares."""
+    if kind != "junk_mix":
+        return [(kind, n)]
+    kinds = rng.choice(JUNK_KINDS, size=int(rng.integers(2, 4)), replace=False)
+    sizes = rng.multinomial(n, rng.dirichlet(np.ones(len(kinds))))
+    return [(str(k), int(s)) for k, s in zip(kinds, sizes) if s > 0]
+
+
+def _junk_groups(fac: ObjectFactory, kind: str, n: int, model, models, centre_shift: float, rng):
+    """Groups of ``n`` junk objects of one kind (each group one object, as EM aligned them)."""
+    optics = fac.o
+    g = int(min(n, rng.integers(5, 10) if kind in ("carbon", "off_centre", "empty") else rng.integers(10, 21)))
+    sizes = _split(n, g, rng)
+    groups = []
+    if kind == "carbon":
+        angle = rng.uniform(0, 360)
+        for n_g in sizes:
+            groups.append((*fac.carbon(angle=angle + rng.normal(0, 4)), n_g, False))
+    elif kind == "off_centre":  # still off-centre by a quarter to half a diameter after centring
+        view = random_rotations(1, rng)[0]
+        t = rng.uniform(0, 2 * np.pi)
+        rr = centre_shift + rng.uniform(0.25, 0.5) * optics.d_px
+        for n_g in sizes:
+            sh = (rr * np.cos(t) + rng.normal(0, 1.0), rr * np.sin(t) + rng.normal(0, 1.0))
+            groups.append((*fac.particle(model, view, sh), n_g, True))
+    elif kind == "mixed_views":
+        g = int(min(n, rng.integers(10, 20)))
+        for n_g, rot in zip(_split(n, g, rng), random_rotations(g, rng)):
+            groups.append((*fac.particle(model, rot, rng.normal(0, 1.0, 2)), n_g, False))
+    else:
+        for n_g in sizes:
+            groups.append((*_junk_object(fac, kind, models, rng), n_g, False))
+    return groups
 
 
 def _junk_object(fac: ObjectFactory, kind: str, models, rng):
@@ -536,34 +674,46 @@ def _junk_object(fac: ObjectFactory, kind: str, models, rng):
     return fac.zeros()  # empty
 
 
-def simulate_class_set(n: int = 2000, seed: int = 0, n_models: int = 16, good_fraction: float = 0.5,
-                       kinds=CLASS_JUNK_KINDS, models=None, progress=None) -> list[SimulatedClass]:
-    """``n`` simulated class averages, ``good_fraction`` of them particles, the rest junk of ``kinds`` in equal parts."""
+def simulate_class_set(n: int = 2000, seed: int = 0, n_models: int = 16, good_fraction=(0.25, 0.85),
+                       kinds=TRAINING_JUNK_KINDS, models=None, progress=None) -> list[SimulatedClass]:
+    """``n`` simulated class averages from simulated classifications (:func:`simulate_run`, numbered in ``run``).
+
+    Each run draws its share of particle classes from ``good_fraction`` and its junk from
+    ``kinds``; the last run is cut to make ``n`` classes.
+    """
     rng = np.random.default_rng(seed)
     if models is None:
         models = model_pool(n_models, rng)
-    n_good = int(round(good_fraction * n))
-    labels = ["particle"] * n_good + [kinds[i % len(kinds)] for i in range(n - n_good)]
-    labels = [labels[i] for i in rng.permutation(n)]
-    seeds = rng.integers(0, 2**63 - 1, n)
     out = []
-    for i, kind in enumerate(labels):
-        out.append(simulate_class(kind, models, np.random.default_rng(seeds[i])))
-        if progress is not None and (i + 1) % 100 == 0:
-            progress(i + 1, n)
-    return out
+    run = 0
+    while len(out) < n:
+        done = len(out)
+        out += simulate_run(models, np.random.default_rng(rng.integers(0, 2**63 - 1)), kinds, good_fraction, run=run)
+        run += 1
+        if progress is not None and len(out) // 100 > done // 100:
+            progress(min(len(out), n), n)
+    return out[:n]
 
 
 # --------------------------------------------------------------------------- training
 def features_of(classes: list[SimulatedClass]) -> pd.DataFrame:
-    """Selector features (:func:`conveyor.spa.select.class_features`) of simulated classes, one row each."""
+    """Selector features (:func:`conveyor.spa.select.class_features`) of simulated classes, one row each.
+
+    The classes of one run are scored together, as ``conveyor spa select`` scores a
+    classification (``contrast_rel`` is relative to the run's other classes).
+    """
     from .select import class_features  # noqa: PLC0415
 
-    rows = []
-    for c in classes:
-        f = class_features(c.average[None], np.array([c.count]), np.array([c.resolution]), c.pixel_size,
-                           c.mask_diameter, total=c.total, n_classes=c.n_classes)
-        rows.append(f.iloc[0])
+    runs: dict = {}
+    for i, c in enumerate(classes):
+        runs.setdefault(c.run, []).append(i)
+    rows = [None] * len(classes)
+    for idx in runs.values():
+        cs = [classes[i] for i in idx]
+        f = class_features(np.stack([c.average for c in cs]), np.array([c.count for c in cs]),
+                           np.array([c.resolution for c in cs]), cs[0].pixel_size, cs[0].mask_diameter)
+        for j, i in enumerate(idx):
+            rows[i] = f.iloc[j]
     return pd.DataFrame(rows).reset_index(drop=True)
 
 
@@ -572,8 +722,10 @@ def train_selector(n: int = 2000, seed: int = 0, n_models: int = 16, progress=No
 
     The model is scikit-learn's gradient boosting (shallow trees) on the features of
     :func:`conveyor.spa.select.class_features`, stored as plain trees
-    (:func:`conveyor.spa.select.SelectorModel`); a fifth of the classes is held out to
-    report the accuracy.
+    (:func:`conveyor.spa.select.SelectorModel`); the classes of the first fifth of the
+    simulated classifications (whole runs, so that no specimen and conditions are shared
+    with the training part) are held out to report the accuracy, then the trees are refitted
+    on all classes.
     """
     from sklearn.ensemble import GradientBoostingClassifier  # noqa: PLC0415
 
@@ -585,7 +737,8 @@ def train_selector(n: int = 2000, seed: int = 0, n_models: int = 16, progress=No
     x = feats[list(FEATURES)].to_numpy(float)
     y = np.array([c.label for c in classes])
     kinds = np.array([c.kind for c in classes])
-    n_test = max(1, n // 5)
+    runs = np.array([c.run for c in classes])
+    n_test = int(np.sum(runs < max(1, (runs.max() + 1) // 5)))  # runs are numbered in order
     clf = GradientBoostingClassifier(n_estimators=150, max_depth=3, learning_rate=0.1, subsample=1.0,
                                      random_state=seed)
     clf.fit(x[n_test:], y[n_test:])
