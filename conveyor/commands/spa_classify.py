@@ -397,7 +397,7 @@ def _train(args) -> int:
         log.info("simulated %d/%d classes", i, n)
 
     if args.n < 20:
-        raise InputError("--n", f"need at least 20 simulated classes, got {args.n}", "use e.g. --n 2000")
+        raise InputError("--n", f"need at least 20 simulated classes, got {args.n}", "use e.g. --n 4000")
     model = train_selector(n=args.n, seed=args.seed, n_models=args.models, progress=progress)
     model["training"]["command"] = (f"conveyor spa train-selector --out {args.out} --seed {args.seed} --n {args.n}"
                                     + (f" --models {args.models}" if args.models != 16 else ""))
@@ -435,8 +435,9 @@ def register(group) -> None:
 
     p = group("spa").add_parser(
         "select", help="select good 2D classes: automatic scores or the user's roundN.yaml",
-        description="auto: score every class with the trained selector (features: resolution, contrast, centring, "
-        "radial profile, roundness, edges, population) and keep those at or above --threshold; manual: read "
+        description="auto: score every class with the trained selector (scale-free features: resolution relative to the "
+        "others and to Nyquist, density relative to the other classes, centring, radial profile, roundness, "
+        "edges, symmetry, detail) and keep those at or above --threshold; manual: read "
         "the user's YAML (classes: [1, 4, 7]); without it, exit 3 after printing which gallery to look at "
         "and which file to write. Writes the particles of the chosen classes.")
     p.add_argument("--class-dir", required=True, help="output directory of conveyor spa class2d")
@@ -470,10 +471,11 @@ def register(group) -> None:
     p = group("spa").add_parser(
         "train-selector", help="train the automatic 2D class selector on simulated good and junk classes",
         description="Simulate class averages of protein-like particles and of junk (ice, contamination, carbon "
-        "edges, aggregates, empty, off-centre, mixed views) with ground truth, fit gradient-boosted trees on "
+        "edges, aggregates, empty, off-centre; mixed-view classes count as good, they hold true particles) in "
+        "simulated classifications spanning 16-80 px boxes at 1-16 Å/px with ground truth, fit gradient-boosted trees on "
         "the selector's features and write them as JSON. Seeded and reproducible.")
     p.add_argument("--out", required=True, help="model JSON, e.g. resources/class_selector.json")
     p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
-    p.add_argument("--n", type=int, default=2000, help="simulated classes (default 2000; a fifth held out)")
+    p.add_argument("--n", type=int, default=4000, help="simulated classes (default 4000, as the stored model; a fifth held out)")
     p.add_argument("--models", type=int, default=16, help="protein-like specimens to draw particles from (default 16)")
     p.set_defaults(func=_train)
