@@ -25,3 +25,26 @@ def test_input_error_is_one_line(tmp_path, capsys):
     assert main(["config", "check", str(missing)]) == 2
     err = capsys.readouterr().err
     assert err.startswith("conveyor: error: ") and str(missing) in err and err.count("\n") == 1
+
+
+def test_parser_does_not_import_pandas():
+    """Every job builds the whole parser: heavy libraries are imported only when used."""
+    import subprocess
+    import sys
+
+    code = ("import sys, conveyor.cli as c; c.build_parser(); "
+            "print(sorted(m for m in ('pandas', 'starfile', 'matplotlib', 'sklearn') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"
+
+
+def test_lazy_module_behaves_as_the_module(monkeypatch):
+    import json as real
+
+    from conveyor._lazy import lazy_module
+
+    lazy = lazy_module("json")
+    assert "not loaded" in repr(lazy)
+    assert lazy.dumps([1]) == "[1]" and lazy.JSONDecodeError is real.JSONDecodeError
+    monkeypatch.setattr(lazy, "dumps", lambda obj: "patched")
+    assert real.dumps(1) == "patched"

@@ -14,12 +14,14 @@ import time
 from pathlib import Path
 
 import numpy as np
-import pandas as pd
 
 from .. import backend
 from ..errors import InputError
 from ..io.mrc import read_mrc
 from ..io.star import write_star
+from .._lazy import lazy_module
+
+pd = lazy_module("pandas")
 
 log = logging.getLogger(__name__)
 

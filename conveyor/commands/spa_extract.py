@@ -13,13 +13,15 @@ import logging
 import time
 
 import numpy as np
-import pandas as pd
 
 from .. import backend
 from ..errors import InputError
 from ..io.mrc import write_mrc
 from ..io.star import read_star, write_star
 from .spa_pick import load_micrograph
+from .._lazy import lazy_module
+
+pd = lazy_module("pandas")
 
 log = logging.getLogger(__name__)
 

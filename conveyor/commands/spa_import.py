@@ -11,10 +11,12 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import pandas as pd
 
 from ..errors import InputError
 from ..io.star import write_star
+from .._lazy import lazy_module
+
+pd = lazy_module("pandas")
 
 
 def _read_records(paths):

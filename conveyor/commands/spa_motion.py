@@ -20,13 +20,15 @@ import time
 from pathlib import Path
 
 import numpy as np
-import pandas as pd
 
 from .. import backend
 from ..errors import InputError
 from ..io.atomic import atomic_path
 from ..io.mrc import write_mrc
 from ..io.star import write_star
+from .._lazy import lazy_module
+
+pd = lazy_module("pandas")
 
 log = logging.getLogger(__name__)
 

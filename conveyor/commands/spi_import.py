@@ -12,10 +12,12 @@ import json
 from pathlib import Path
 
 import numpy as np
-import pandas as pd
 
 from ..errors import InputError
 from ..io.atomic import write_text
+from .._lazy import lazy_module
+
+pd = lazy_module("pandas")
 
 _EV = 1.602176634e-19  # J per eV
 

@@ -20,10 +20,12 @@ import time
 from pathlib import Path
 
 import numpy as np
-import pandas as pd
 
 from .. import backend
 from ..errors import InputError
+from .._lazy import lazy_module
+
+pd = lazy_module("pandas")
 
 log = logging.getLogger(__name__)
 

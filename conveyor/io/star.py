@@ -39,11 +39,13 @@ import re
 from pathlib import Path
 
 import numpy as np
-import pandas as pd
-import starfile
 
+from .._lazy import lazy_module
 from ..errors import InputError
 from .atomic import atomic_path
+
+pd = lazy_module("pandas")
+starfile = lazy_module("starfile")
 
 #: Optics columns that are per row in RELION 3.0 files and per group in 3.1+.
 _LEGACY_OPTICS_LABELS = ("rlnVoltage", "rlnSphericalAberration", "rlnAmplitudeContrast")

@@ -20,10 +20,12 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import numpy as np
-import pandas as pd
 
+from .._lazy import lazy_module
 from ..errors import InputError
 from ..io.atomic import atomic_path
+
+pd = lazy_module("pandas")
 
 #: Default lowest size score (second-best / best local misfit).
 MIN_SCORE = 1.5

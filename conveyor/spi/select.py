@@ -85,10 +85,12 @@ import math
 from pathlib import Path
 
 import numpy as np
-import pandas as pd
 
+from .._lazy import lazy_module
 from ..errors import InputError
 from ..io.atomic import write_text
+
+pd = lazy_module("pandas")
 
 #: Smallest class kept, frames.
 MIN_FRAMES = 5
