@@ -273,13 +273,18 @@ def _postprocess(args) -> int:
                       autob_lowres=args.autob_lowres)
     write_postprocess(res, args.out_dir, half1_name=str(args.half1), half2_name=str(args.half2),
                       mask_name=str(args.mask) if args.mask else None)
-    msg = (f"{args.out_dir}: resolution {res.resolution:.2f} Å (corrected masked FSC 0.143), "
+    print(postprocess_message(res, args.out_dir))
+    return 0
+
+
+def postprocess_message(res, out_dir, tool: str = "") -> str:
+    """The one-line summary of a post-processing (native or a peer's, named by ``tool``)."""
+    msg = (f"{out_dir}: resolution {res.resolution:.2f} Å (corrected masked FSC 0.143{', ' + tool if tool else ''}), "
            f"B-factor applied {res.bfactor:.0f} Å²")
     if res.hand:
         msg += (f"; vs reference: FSC 0.5 at {res.hand['resolution_as_is']:.1f} Å as is, "
                 f"{res.hand['resolution_mirror']:.1f} Å mirrored -> hand: {res.hand['hand']}")
-    print(msg)
-    return 0
+    return msg
 
 
 # --------------------------------------------------------------------------- fsc

@@ -82,17 +82,13 @@ def _refine3d(args) -> int:
 
 def _postprocess(args) -> int:
     from ..tools.relion_refine import run_postprocess  # noqa: PLC0415
+    from .spa_refine import postprocess_message  # noqa: PLC0415
 
     res = run_postprocess(args.half1, args.half2, args.out_dir, mask=args.mask, reference=args.reference,
                           bfactor=args.bfactor, autob_lowres=args.autob_lowres, mask_threshold=args.mask_threshold,
                           particle_diameter=args.particle_diameter, pixel_size=args.pixel_size,
                           threads=_threads(), relion_bin=args.relion_bin, work_dir=args.work_dir)
-    msg = (f"{args.out_dir}: resolution {res.resolution:.2f} Å (corrected masked FSC 0.143, RELION 3.1), "
-           f"B-factor applied {res.bfactor:.0f} Å²")
-    if res.hand:
-        msg += (f"; vs reference: FSC 0.5 at {res.hand['resolution_as_is']:.1f} Å as is, "
-                f"{res.hand['resolution_mirror']:.1f} Å mirrored -> hand: {res.hand['hand']}")
-    print(msg)
+    print(postprocess_message(res, args.out_dir, "RELION 3.1"))
     return 0
 
 

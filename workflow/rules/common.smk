@@ -55,6 +55,16 @@ def conveyor_cmd(wildcards, threads, resources):
     return f"conveyor --device {device} --threads {threads}"
 
 
+def write_input_lists(input, keys, next_to):
+    """Write each named input file list to a hidden text file beside ``next_to`` and return
+    {key: path}: merges take `@list` arguments, since thousands of paths overflow a command line."""
+    lists = {}
+    for key in keys:
+        lists[key] = Path(next_to).with_name(f".{Path(next_to).stem}_{key}.list")
+        lists[key].write_text("\n".join(input[key]) + "\n")
+    return lists
+
+
 @functools.lru_cache(maxsize=None)
 def _discover(pattern, key, exts):
     """{name: path} of the files matching a glob (cached: thousands of jobs ask)."""

@@ -108,10 +108,7 @@ rule spa_reextract_merge:
     container:
         container_for("conveyor")
     run:
-        lists = {}
-        for key in ("ctf", "particles"):
-            lists[key] = Path(output.summary).with_name(f".round{wildcards.round}_bin{wildcards.bin}_{key}.list")
-            lists[key].write_text("\n".join(input[key]) + "\n")
+        lists = write_input_lists(input, ("ctf", "particles"), output.summary)
         shell(
             "{params.conveyor} spa merge --ctf @{lists[ctf]} --particles @{lists[particles]}"
             " --out-micrographs {output.micrographs:q} --out-particles {output.particles:q}"

@@ -203,10 +203,7 @@ rule spa_merge:
     container:
         container_for("conveyor")
     run:
-        lists = {}
-        for key in ("ctf", "motion", "particles"):
-            lists[key] = Path(output.summary).with_name(f".merge_{key}.list")
-            lists[key].write_text("\n".join(input[key]) + "\n")
+        lists = write_input_lists(input, ("ctf", "motion", "particles"), output.summary)
         shell(
             "{params.conveyor} spa merge --ctf @{lists[ctf]} --motion @{lists[motion]}"
             " --particles @{lists[particles]} {params.thresholds}"
