@@ -376,17 +376,31 @@ def _binned_frames(spec, shape, size, xp):
     return img.astype(xp.float32, copy=False)
 
 
+def _chunk(xp, image_px: int) -> int:
+    """Images per FFT call: on the CPU about 4 Mpx (one 2k frame, a few small ones), which keeps
+    each call's work arrays small (one call over a whole 4k movie is 2-3x slower per frame:
+    its temporaries are gigabytes of fresh memory); on a GPU up to 64 Mpx."""
+    return max(1, (1 << 22) // image_px) if xp is np else max(1, (1 << 26) // image_px)
+
+
 def _tapered_spectra(images, taper_width: float, xp, size=None):
     """rFFT of mean-subtracted, edge-tapered images ``[..., h, w]`` -> complex64, cropped to ``size``."""
     h, w = images.shape[-2:]
     win = _taper(h, w, taper_width, xp)
-    a = xp.asarray(images, dtype=xp.float32)
-    a = a - a.mean(axis=(-2, -1), keepdims=True)
-    a *= win
-    spec = _fft(xp).rfft2(a, axes=(-2, -1))
-    if size is not None and tuple(size) != (h, w):
-        spec = _crop_spectrum(spec, size[0], size[1], xp)
-    return spec.astype(xp.complex64, copy=False)
+    my, mx = (h, w) if size is None else (int(size[0]), int(size[1]))
+    lead = images.shape[:-2]
+    flat = images.reshape((-1, h, w))
+    out = xp.empty((flat.shape[0], my, mx // 2 + 1), dtype=xp.complex64)
+    step = _chunk(xp, h * w)
+    for i in range(0, flat.shape[0], step):
+        a = xp.asarray(flat[i:i + step], dtype=xp.float32)
+        a = a - a.mean(axis=(-2, -1), keepdims=True)
+        a *= win
+        spec = _fft(xp).rfft2(a, axes=(-2, -1))
+        if (my, mx) != (h, w):
+            spec = _crop_spectrum(spec, my, mx, xp)
+        out[i:i + step] = spec
+    return out.reshape(lead + out.shape[-2:])
 
 
 def _ramp_factors(ky, kx, shifts, xp):
@@ -840,10 +854,11 @@ def _prepare(frames, size, xp, keep_spectra=False):
     my, mx = size
     fft = _fft(xp)
     binned = xp.empty((n, my, mx), dtype=xp.float32)
-    step = max(1, (1 << 22) // (ny * nx)) if xp is np else max(1, (1 << 26) // (ny * nx))
+    step = _chunk(xp, ny * nx)
     if keep_spectra:
-        spectra = fft.rfft2(xp.asarray(frames, dtype=xp.float32), axes=(-2, -1))
+        spectra = xp.empty((n, ny, nx // 2 + 1), dtype=xp.complex64)
         for i in range(0, n, step):
+            spectra[i:i + step] = fft.rfft2(xp.asarray(frames[i:i + step], dtype=xp.float32), axes=(-2, -1))
             binned[i:i + step] = _binned_frames(spectra[i:i + step], (ny, nx), (my, mx), xp)
         return spectra, binned
     for i in range(0, n, step):  # little memory: a few frames at a time
