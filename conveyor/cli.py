@@ -82,6 +82,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         backend.set_device(args.device)
         backend.set_threads(args.threads)
+        backend.keep_freed_memory()
         func = getattr(args, "func", None)
         if func is None:
             parser.error("no command given")

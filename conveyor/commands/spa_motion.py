@@ -68,7 +68,7 @@ def _smooth_arg(text):
 
 def _read_frames(args):
     """Gain-corrected frames and pixel size; checks the frame count from the header first."""
-    from ..io.movie import movie_info, read_movie  # noqa: PLC0415
+    from ..io.movie import movie_info, open_movie  # noqa: PLC0415
 
     movie = Path(args.movie)
     info = movie_info(movie)  # missing / damaged files -> InputError naming the movie
@@ -79,7 +79,8 @@ def _read_frames(args):
             f"movie has {n} frames but --frames expects {args.frames}",
             "check the movie is complete, or correct the expected frame count (spa.frames in the config)",
         )
-    frames, pixel_size = read_movie(movie, gain=args.gain, gain_flip=args.gain_flip, gain_rot=args.gain_rot,
+    # MRC frames are converted as the motion correction reads them (never two copies in memory)
+    frames, pixel_size = open_movie(movie, gain=args.gain, gain_flip=args.gain_flip, gain_rot=args.gain_rot,
                                     pixel_size=args.pixel_size)
     if frames.shape[0] < 2:
         raise InputError(movie, f"movie has {frames.shape[0]} frame(s); motion correction needs at least 2",
@@ -202,7 +203,8 @@ def _run(args) -> int:
     t0 = time.perf_counter()
     frames, pixel_size = _read_frames(args)
     t_read = time.perf_counter() - t0
-    frames = backend.asarray(frames)
+    if backend.get_device() == "gpu":
+        frames = backend.asarray(frames)
     result = correct_motion(
         frames, pixel_size, args.dose_per_frame, voltage=args.voltage, patches=patches, bfactor=args.bfactor,
         pre_exposure=args.pre_exposure, binning=args.binning, group=args.group, patch_group=args.patch_group,

@@ -170,9 +170,14 @@ def read_gain(gain) -> tuple[np.ndarray, str]:
 
 
 def _apply_gain(frames: np.ndarray, path, gain, gain_flip, gain_rot) -> np.ndarray:
+    frames *= _gain_for(path, frames.shape[1:], gain, gain_flip, gain_rot)
+    return frames
+
+
+def _gain_for(path, shape, gain, gain_flip, gain_rot) -> np.ndarray:
+    """The gain reference, transformed, checked against the frame ``shape`` of movie ``path``."""
     g, gname = read_gain(gain)
     t = transform_gain(g, gain_flip, gain_rot)
-    shape = frames.shape[1:]
     if t.shape != shape:
         hint = ""
         if t.shape == shape[::-1]:
@@ -184,8 +189,66 @@ def _apply_gain(frames: np.ndarray, path, gain, gain_flip, gain_rot) -> np.ndarr
             "set spa.gain_rot / spa.gain_flip so the gain matches the movies, or use the gain reference recorded "
             "with these movies",
         )
-    frames *= t
-    return frames
+    return t
+
+
+class MovieFrames:
+    """The gain-corrected float32 frames of an MRC movie, read on demand from a memory map.
+
+    Behaves as a read-only ``[n, y, x]`` float32 array for what motion correction does with
+    frames: ``frames[i]``, ``frames[a:b]`` and ``frames[t, rows, cols]`` (integers and
+    slices) return new float32 arrays, converted from the stored data type and multiplied
+    by the (transformed) gain reference; ``numpy.asarray(frames)`` reads them all. Only the
+    frames asked for are converted, so a movie is never held twice in memory (a 4096² × 40
+    int16 movie is 1.3 GB on disk and 2.7 GB as float32). Float data are checked for
+    NaN/inf as they are read (:class:`InputError` naming the file and the frame).
+    """
+
+    ndim = 3
+    dtype = np.dtype(np.float32)
+
+    def __init__(self, path, raw, gain=None):
+        self.path = Path(path)
+        self._raw = raw
+        self._gain = gain
+        self.shape = tuple(int(v) for v in raw.shape)
+        self._check = raw.dtype.kind == "f"
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    def __getitem__(self, key):
+        key = key if isinstance(key, tuple) else (key,)
+        if len(key) > 3 or any(not isinstance(k, (int, np.integer, slice)) for k in key):
+            raise TypeError("MovieFrames takes integers and slices only")
+        out = np.asarray(self._raw[key], dtype=np.float32)
+        if self._check and not np.isfinite(out).all():
+            raise InputError(self.path, "frame data contain NaN or infinite values",
+                             "the file is damaged or was written by a failed job; regenerate or remove it")
+        if self._gain is not None:
+            out *= self._gain[key[1:]]
+        return out
+
+    def __array__(self, dtype=None, copy=None):
+        out = np.empty(self.shape, dtype=np.float32)
+        for i in range(self.shape[0]):
+            out[i] = self[i]
+        return out if dtype is None else out.astype(dtype, copy=False)
+
+
+def open_movie(path, gain=None, gain_flip=None, gain_rot=0, pixel_size=None):
+    """Like :func:`read_movie`, but an MRC movie is returned as :class:`MovieFrames` (read on
+    demand) instead of an array; TIFF movies are read whole. Same checks and errors."""
+    path = Path(path)
+    info = movie_info(path)
+    if info["ndim"] != 3 or info["format"] != "mrc":
+        return read_movie(path, gain=gain, gain_flip=gain_flip, gain_rot=gain_rot, pixel_size=pixel_size)
+    raw, header_ps = read_mrc(path, mmap=True, check_finite=False)
+    g = None
+    if gain is not None:
+        g = _gain_for(path, raw.shape[1:], gain, gain_flip, gain_rot)
+    frames = MovieFrames(path, raw, g)
+    return _finish(frames, path, None, gain_flip, gain_rot, header_ps or None, pixel_size)
 
 
 def read_movie(path, gain=None, gain_flip=None, gain_rot=0, pixel_size=None):

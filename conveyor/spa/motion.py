@@ -419,15 +419,26 @@ def _shifted(spec, ky, kx, shifts, xp, out=None):
     return out
 
 
-def _mix(mat, a, xp):
-    """Frame combinations: real ``mat`` [u, n] applied along the frame axis (-3) of ``a`` [..., n, my, mkx].
+def _cross_mix(mat_u, mat_v, a, xp):
+    """Cross spectra ``(U a) conj(V a)`` of frame combinations ``U``, ``V`` [u, n] of ``a`` [..., n, my, mkx].
 
-    One real matrix product on the interleaved (re, im) floats of the contiguous spectra.
+    Real matrix products on the interleaved (re, im) floats of the contiguous spectra; on
+    the CPU in blocks of columns, so that the two products never exist whole (less memory,
+    and each block stays in cache).
     """
     sh = a.shape
     flat = xp.ascontiguousarray(a).reshape(sh[:-3] + (sh[-3], sh[-2] * sh[-1])).view(xp.float32)
-    out = xp.matmul(xp.asarray(mat, dtype=xp.float32), flat)
-    return out.view(xp.complex64).reshape(sh[:-3] + (mat.shape[0],) + sh[-2:])
+    mu, mv = xp.asarray(mat_u, dtype=xp.float32), xp.asarray(mat_v, dtype=xp.float32)
+    width = flat.shape[-1]
+    block = width if xp is not np else max(2, ((1 << 18) // max(1, sh[-3])) * 2)
+    out = xp.empty(sh[:-3] + (mu.shape[0], width), dtype=xp.float32)
+    for c0 in range(0, width, block):
+        part = flat[..., c0:c0 + block]
+        p = xp.matmul(mu, part).view(xp.complex64)
+        q = xp.matmul(mv, part).view(xp.complex64)
+        p *= xp.conj(q)
+        out[..., c0:c0 + block] = p.view(xp.float32)
+    return out.view(xp.complex64).reshape(sh[:-3] + (mu.shape[0],) + sh[-2:])
 
 
 def _window_matrices(n: int, group: int):
@@ -656,8 +667,7 @@ def _align_spectra(spec, grid: _Grid, init, *, group=1, max_iter=20, tol=0.01, c
         del sub
         jumped = 0.0
         if coarse:
-            cross = _mix(coarse_mats[0], al, xp)
-            cross *= xp.conj(_mix(coarse_mats[1], al, xp))
+            cross = _cross_mix(coarse_mats[0], coarse_mats[1], al, xp)
             del al
             m = m_coarse
             d = _coarse_peak(cross, cgrid, xp, radius)
@@ -668,16 +678,20 @@ def _align_spectra(spec, grid: _Grid, init, *, group=1, max_iter=20, tol=0.01, c
         else:
             if ng == n:
                 if self_terms is None:  # from -|A_f|², the same at every iteration
-                    power = spec.real * spec.real
-                    power += spec.imag * spec.imag
-                    self_terms = -_cc_derivatives(power, grid, xp)
-                    del power
+                    step = _chunk(xp, spec.shape[-2] * spec.shape[-1])
+                    parts = []
+                    for f0 in range(0, n, step):
+                        part = spec[:, f0:f0 + step]
+                        power = part.real * part.real
+                        power += part.imag * part.imag
+                        parts.append(-_cc_derivatives(power, grid, xp))
+                    self_terms = np.concatenate(parts, axis=1)
+                    del power, part
                 al *= xp.conj(al.sum(axis=-3, keepdims=True))
                 terms = _cc_derivatives(al, grid, xp) + self_terms[idx]
                 m = size
             else:
-                cross = _mix(member, al, xp)
-                cross *= xp.conj(_mix(1.0 - member, al, xp))
+                cross = _cross_mix(member, 1.0 - member, al, xp)
                 terms = _cc_derivatives(cross, grid, xp)
                 del cross
                 m = size
@@ -710,12 +724,14 @@ def _align_spectra(spec, grid: _Grid, init, *, group=1, max_iter=20, tol=0.01, c
             radius = np.maximum(base, np.maximum(1.5 * frame_step, 0.75 * jumped))
             if windowed_done:
                 coarse = False
+                cspec = None
             elif (n_coarse >= 2 and float(step.max()) < 0.5 * scale) or n_coarse >= 5:
                 if not refine:
                     active[idx] = step >= 0.5 * scale
                     break
                 if coarse_mats is unit_mats[0]:
                     coarse = False
+                    cspec = None  # the coarse crop is not used again
                 else:
                     # one search per unit before the refinement: a frame that a window could not
                     # move (its neighbours outweigh it) is taken to its own peak

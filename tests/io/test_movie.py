@@ -200,3 +200,44 @@ def test_cli_info(tmp_path, movie, capsys):
     assert code == 2 and "map.mrc" in captured.out
     err = captured.err.strip().splitlines()
     assert len(err) == 1 and "missing.mrc: file does not exist" in err[0]
+
+
+def test_open_movie_reads_frames_on_demand_like_read_movie(tmp_path, counts):
+    """An MRC movie opened lazily gives the same gain-corrected float32 data as read_movie."""
+    from conveyor.io.movie import MovieFrames, open_movie
+
+    path = tmp_path / "movie.mrcs"
+    write_mrc(path, counts, 1.2, dtype=np.uint16)
+    gain = np.random.default_rng(1).uniform(0.8, 1.2, (NX, NY)).astype(np.float32)  # turned by gain_rot 1
+    gpath = tmp_path / "gain.mrc"
+    write_mrc(gpath, gain, 1.2)
+    full, ps = read_movie(path, gain=gpath, gain_rot=1, gain_flip="y")
+    lazy, ps2 = open_movie(path, gain=gpath, gain_rot=1, gain_flip="y")
+    assert isinstance(lazy, MovieFrames) and ps == ps2 == pytest.approx(1.2)
+    assert lazy.shape == full.shape and lazy.dtype == np.float32 and len(lazy) == N
+    np.testing.assert_array_equal(np.asarray(lazy), full)
+    np.testing.assert_array_equal(lazy[2], full[2])
+    np.testing.assert_array_equal(lazy[1:4], full[1:4])
+    np.testing.assert_array_equal(lazy[3, 2:9, 5:11], full[3, 2:9, 5:11])
+    with pytest.raises(TypeError):
+        lazy[[0, 1]]
+    # a TIFF movie is read whole, as read_movie does
+    tif = tmp_path / "movie.tif"
+    write_tiff(tif, counts, 1.2)
+    assert isinstance(open_movie(tif)[0], np.ndarray)
+
+
+@pytest.mark.filterwarnings("ignore:Data array contains NaN")
+def test_open_movie_names_the_file_of_a_nan_frame(tmp_path, counts):
+    from conveyor.io.movie import open_movie
+
+    data = counts.astype(np.float32)
+    data[4, 3, 3] = np.nan
+    path = tmp_path / "bad.mrcs"
+    write_mrc(path, data, 1.0)
+    frames, _ = open_movie(path)
+    frames[0]  # a clean frame reads
+    with pytest.raises(InputError, match="bad.mrcs.*NaN"):
+        frames[4]
+    with pytest.raises(InputError, match="bad.mrcs.*frame 5"):
+        read_movie(path)

@@ -396,3 +396,21 @@ def test_gpu_matches_cpu(rigid):
     assert drift_rmse(gpu.shifts, cpu.shifts) < 0.02
     np.testing.assert_allclose(cp.asnumpy(gpu.dose_weighted_sum), backend.to_host(cpu.dose_weighted_sum),
                                atol=1e-2 * float(np.ptp(cpu.dose_weighted_sum)))
+
+
+def test_frames_read_on_demand_give_the_same_correction(deformed, tmp_path):
+    """The motion correction of a movie opened lazily (MovieFrames: frames converted as they
+    are read, the local sum's tiles included) equals that of the movie read whole."""
+    from conveyor.io.movie import MovieFrames, open_movie
+    from conveyor.io.mrc import write_mrc
+
+    path = tmp_path / "deformed.mrcs"
+    write_mrc(path, deformed, 1.0)
+    lazy, _ = open_movie(path)
+    assert isinstance(lazy, MovieFrames)
+    whole = M.correct_motion(deformed, 1.0, dose_per_frame=1.5, patches=(5, 5))
+    ondemand = M.correct_motion(lazy, 1.0, dose_per_frame=1.5, patches=(5, 5))
+    assert whole.local_applied and ondemand.local_applied
+    np.testing.assert_array_equal(ondemand.shifts, whole.shifts)
+    np.testing.assert_array_equal(ondemand.sum, whole.sum)
+    np.testing.assert_array_equal(ondemand.dose_weighted_sum, whole.dose_weighted_sum)
