@@ -33,7 +33,34 @@ GROUP_HELP = {
 }
 
 
-def build_parser() -> argparse.ArgumentParser:
+#: Global options that take a value (skipped when looking for the group and command in argv).
+_VALUE_OPTIONS = ("--device", "--threads")
+
+
+def _requested(argv) -> tuple[str | None, str | None]:
+    """(group, command) named on the command line ``argv`` (None where absent)."""
+    words, skip = [], False
+    for tok in argv:
+        if skip:
+            skip = False
+        elif tok in _VALUE_OPTIONS:
+            skip = True
+        elif not tok.startswith("-"):
+            words.append(tok)
+            if len(words) == 2:
+                break
+    words += [None, None]
+    return words[0], words[1]
+
+
+def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
+    """The parser of ``conveyor``; with ``argv``, only what parsing that command line needs.
+
+    Every module of :mod:`conveyor.commands` registers its commands. Importing them all costs
+    ~0.1 s, more than some commands take, so for a command line naming a group
+    (``conveyor spa motion ...``) the modules named after the group (``spa``, ``spa_*``) are
+    imported first, and the others only when the command is not among theirs (or for help).
+    """
     parser = argparse.ArgumentParser(
         prog="conveyor",
         description="Single-particle cryo-EM and XFEL processing, from raw data to 3D.",
@@ -65,15 +92,28 @@ def build_parser() -> argparse.ArgumentParser:
         group(name)
     from . import commands
 
-    for info in sorted(pkgutil.iter_modules(commands.__path__), key=lambda m: m.name):
-        module = importlib.import_module(f"{commands.__name__}.{info.name}")
-        if hasattr(module, "register"):
-            module.register(group)
+    names = sorted(info.name for info in pkgutil.iter_modules(commands.__path__))
+    wanted, command = _requested(argv) if argv is not None else (None, None)
+    wanted = wanted if wanted in groups else None
+    first = [n for n in names if wanted and (n == wanted or n.startswith(wanted + "_"))]
+    for name in first:
+        _register(f"{commands.__name__}.{name}", group)
+    if not first or command is None or command not in groups[wanted].choices:
+        for name in names:
+            if name not in first:
+                _register(f"{commands.__name__}.{name}", group)
     return parser
 
 
+def _register(module_name: str, group) -> None:
+    module = importlib.import_module(module_name)
+    if hasattr(module, "register"):
+        module.register(group)
+
+
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
+    argv = sys.argv[1:] if argv is None else list(argv)
+    parser = build_parser(argv)
     args = parser.parse_args(argv)
     logging.basicConfig(
         level=logging.INFO if args.verbose else logging.WARNING,

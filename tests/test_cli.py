@@ -48,3 +48,24 @@ def test_lazy_module_behaves_as_the_module(monkeypatch):
     assert lazy.dumps([1]) == "[1]" and lazy.JSONDecodeError is real.JSONDecodeError
     monkeypatch.setattr(lazy, "dumps", lambda obj: "patched")
     assert real.dumps(1) == "patched"
+
+
+def test_a_command_line_imports_only_its_group_where_it_can():
+    """``conveyor spa motion`` needs the spa modules only; help and commands registered in
+    another group's module (``select``) still find every command."""
+    import subprocess
+    import sys
+
+    code = ("import sys, conveyor.cli as c; p = c.build_parser(sys.argv[1:]); "
+            "print(' '.join(sorted(m for m in sys.modules if m.startswith('conveyor.commands.'))))")
+    def loaded(*argv):
+        out = subprocess.run([sys.executable, "-c", code, *argv], capture_output=True, text=True, check=True)
+        return set(out.stdout.split())
+
+    spa = loaded("--threads", "1", "spa", "motion", "movie.mrc")
+    assert "conveyor.commands.spa_motion" in spa
+    assert not any(m.startswith(("conveyor.commands.spi", "conveyor.commands.bench")) for m in spa), spa
+    everything = loaded("select", "spa")  # the select group lives in spa_classify / spi_classify
+    assert {"conveyor.commands.spa_classify", "conveyor.commands.spi_classify", "conveyor.commands.bench"} <= everything
+    assert "conveyor.commands.bench" in loaded("spa")  # no command named: help lists all
+    assert "conveyor.commands.bench" in loaded("cxi")  # not a group: everything, argparse reports it

@@ -184,6 +184,7 @@ def run_benchmark(*, movies: int = 8, cores: int = 2, size: int = 512, frames: i
         paths = simulate_spa(work / "data", micrographs=movies, size=size, frames=frames, particles=particles,
                              seed=seed)
         log(f"simulated in {time.perf_counter() - t0:.1f} s")
+        os.sync()  # the movies on disk now, not written back while the first run is measured
         exp = yaml.safe_load(Path(paths["experiment"]).read_text())
         config = work / "config.yaml"
         config.write_text(yaml.safe_dump({"experiment": "overhead", "device": "cpu", "spa": exp["spa"]},

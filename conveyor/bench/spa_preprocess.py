@@ -39,6 +39,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import shutil
 import sys
 import tempfile
@@ -343,6 +344,7 @@ def _run_steps(work: Path, p: dict, device: str, exes: dict, log) -> list[dict]:
                          dose_per_frame=DOSE_PER_FRAME, particles=p["particles"], particle_diameter=DIAMETER,
                          symmetry="D3", seed=p["seed"])
     log(f"simulated in {time.perf_counter() - t0:.1f} s")
+    os.sync()  # the movie on disk now, not written back while the first step is measured
     movie = Path(paths["movies"][0])
     truth_shifts = read_star(paths["shifts"])["shifts"].sort_values("rlnMicrographFrameNumber")
     truth_shifts = truth_shifts[["rlnMicrographShiftX", "rlnMicrographShiftY"]].to_numpy(float)
