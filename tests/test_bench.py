@@ -172,10 +172,12 @@ def test_dag_smoke(tmp_path, snakemake_exe):
 @pytest.mark.slow
 def test_overhead_smoke(tmp_path, snakemake_exe):
     out = tmp_path / "overhead.json"
-    rc = main(["bench", "overhead", "--movies", "2", "--size", "256", "--frames", "4", "--out", str(out)])
+    rc = main(["bench", "overhead", "--movies", "2", "--size", "256", "--frames", "4", "--warm-memory", "0.01",
+               "--out", str(out)])
     assert rc == 0
     report = json.loads(out.read_text())
     s = report["summary"]
+    assert report["params"]["warm_memory_gib"] == 0.01
     # by default each movie's preprocessing up to its particles: one job per movie
     assert report["params"]["rules"] == ["spa_preprocess_movie"]
     assert report["params"]["jobs"] == 2

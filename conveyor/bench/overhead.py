@@ -68,6 +68,12 @@ def _pool_main(argv: list[str]) -> int:
     return 1 if errors else 0
 
 
+def _warm_memory(gib: float) -> None:
+    """Write and free ``gib`` GiB of memory in a separate process (see :func:`run_benchmark`)."""
+    code = f"import numpy as np; a = np.ones({int(gib * (1 << 30)) // 4}, dtype=np.float32); del a"
+    subprocess.run([sys.executable, "-c", code], check=True)
+
+
 # ----------------------------------------------------------------------------- dry-run parsing
 
 
@@ -153,8 +159,13 @@ def _dirs(job: dict) -> list[str]:
 
 def run_benchmark(*, movies: int = 8, cores: int = 2, size: int = 512, frames: int = 10, repeat: int = 1,
                   snakefile=None, include=(), targets=(), until=(), workdir=None, keep: bool = False,
-                  seed: int = 0, argv=None, log=print) -> dict:
-    """Run the overhead benchmark and return the report (JSON-able); see the module docstring."""
+                  seed: int = 0, warm_memory_gib: float = 0.0, argv=None, log=print) -> dict:
+    """Run the overhead benchmark and return the report (JSON-able); see the module docstring.
+
+    ``warm_memory_gib``: before every measured run, a separate process writes and frees this
+    much memory, so that both sides start from the same state of the machine's memory (on
+    a virtual machine, memory left unused for a while can cost several times more to
+    fault in than memory freed moments ago; see docs/benchmarks.md)."""
     import yaml  # noqa: PLC0415
 
     from ..errors import InputError  # noqa: PLC0415
@@ -226,6 +237,8 @@ def run_benchmark(*, movies: int = 8, cores: int = 2, size: int = 512, frames: i
             for side in order:
                 d = work / f"run_{side}_{r}"
                 d.mkdir()
+                if warm_memory_gib > 0:
+                    _warm_memory(warm_memory_gib)
                 if side == "snakemake":
                     m = run_measured([*snakemake_base(sf, d, config), *smk_opts], env=env, cwd=d,
                                      stdout_path=d / "snakemake.out")
@@ -254,6 +267,7 @@ def run_benchmark(*, movies: int = 8, cores: int = 2, size: int = 512, frames: i
     pool_min = min(x["wall_s"] for x in runs["pool"])
     startup = ver.wall_s
     report["params"] = {"movies": movies, "cores": cores, "size": size, "frames": frames, "repeat": repeat,
+                        "warm_memory_gib": warm_memory_gib,
                         "snakefile": str(sf), "targets": tgt, "until": until, "rules": rules,
                         "jobs": len(jobs), "snakemake": ver.stdout.strip(),
                         "snakemake_options": smk_opts}
@@ -291,6 +305,8 @@ def format_report(report: dict) -> str:
     head = (f"{p['jobs']} jobs ({', '.join(p['rules'])}) of {p['movies']} movies "
             f"({p['size']}x{p['size']}x{p['frames']}) on {p['cores']} "
             f"cores, median of {p['repeat']} run(s); {report['device']['cpu_model']}, {report['device']['nproc']} cores")
+    if p.get("warm_memory_gib"):
+        head += f"; {p['warm_memory_gib']:g} GiB of memory written and freed before every run"
     rows = [
         ["snakemake --cores", fmt(s["snakemake_s"]), fmt(s["snakemake_cpu_s"])],
         ["plain pool", fmt(s["pool_s"]), fmt(s["pool_cpu_s"])],

@@ -47,7 +47,7 @@ def _overhead(args) -> int:
     report = run_benchmark(movies=args.movies, cores=args.cores, size=args.size, frames=args.frames,
                            repeat=args.repeat, snakefile=args.snakefile, include=args.include, targets=args.target,
                            until=args.until, workdir=args.workdir, keep=args.keep, seed=args.seed,
-                           argv=["conveyor", *sys.argv[1:]], log=_log)
+                           warm_memory_gib=args.warm_memory, argv=["conveyor", *sys.argv[1:]], log=_log)
     write_report(report, args.out)
     print(format_report(report))
     return 0
@@ -120,6 +120,9 @@ def register(group) -> None:
     p.add_argument("--frames", type=int, default=10, help="frames per movie (default 10)")
     p.add_argument("--repeat", type=int, default=1, help="runs of each (alternating); medians reported (default 1)")
     p.add_argument("--seed", type=int, default=0, help="simulation seed (default 0)")
+    p.add_argument("--warm-memory", type=float, default=0.0, metavar="GIB",
+                   help="before every measured run, write and free this much memory in another process, so "
+                   "that both sides start from the same memory state (default 0: off)")
     _workflow_args(p)
     p.add_argument("--until", action="append", default=[], metavar="RULE",
                    help="run the jobs up to this rule (snakemake --until; ignored with --target; default: "
