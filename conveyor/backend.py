@@ -167,7 +167,8 @@ def keep_freed_memory() -> bool:
     with a 2 GiB ``M_TRIM_THRESHOLD`` freed blocks stay there for the next array: in the
     motion correction of a 4096² × 40 movie the whole-frame alignment of a second movie in
     the same process took 4.5 s instead of 11.4 s (see docs/benchmarks.md). The peak
-    memory is unchanged; memory freed during a command is kept until the process ends.
+    memory stays about the same (+2 % there); memory freed during a command is kept by
+    the process until it ends.
 
     The command line calls it once at start; returns whether the setting took effect
     (False on other C libraries and systems, where nothing changes).

@@ -223,7 +223,13 @@ class MovieFrames:
             raise TypeError("MovieFrames takes integers and slices only")
         out = np.asarray(self._raw[key], dtype=np.float32)
         if self._check and not np.isfinite(out).all():
-            raise InputError(self.path, "frame data contain NaN or infinite values",
+            first = key[0]
+            if isinstance(first, slice):
+                start, stop, _ = first.indices(self.shape[0])
+                where = f"frames {start + 1}-{stop} contain"
+            else:
+                where = f"frame {int(first) % self.shape[0] + 1} contains"
+            raise InputError(self.path, f"{where} NaN or infinite values",
                              "the file is damaged or was written by a failed job; regenerate or remove it")
         if self._gain is not None:
             out *= self._gain[key[1:]]

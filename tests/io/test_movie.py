@@ -237,7 +237,9 @@ def test_open_movie_names_the_file_of_a_nan_frame(tmp_path, counts):
     write_mrc(path, data, 1.0)
     frames, _ = open_movie(path)
     frames[0]  # a clean frame reads
-    with pytest.raises(InputError, match="bad.mrcs.*NaN"):
+    with pytest.raises(InputError, match="bad.mrcs.*frame 5 contains NaN"):
         frames[4]
+    with pytest.raises(InputError, match="bad.mrcs.*frames 3-6 contain NaN"):
+        frames[2:6]
     with pytest.raises(InputError, match="bad.mrcs.*frame 5"):
         read_movie(path)
