@@ -165,7 +165,7 @@ def keep_freed_memory() -> bool:
     work array of the alignment) is faulted in again page by page, and the kernel zeroes
     every page first. With ``M_MMAP_MAX = 0`` large blocks come from the heap instead, and
     with a 2 GiB ``M_TRIM_THRESHOLD`` freed blocks stay there for the next array: in the
-    motion correction of a 4096² × 40 movie the whole-frame alignment of a second movie in
+    motion correction of a 4096² × 40 movie, the whole-frame alignment of a second call in
     the same process took 4.5 s instead of 11.4 s (see docs/benchmarks.md). The peak
     memory stays about the same (+2 % there); memory freed during a command is kept by
     the process until it ends.

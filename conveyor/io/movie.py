@@ -307,18 +307,8 @@ def _read_mrc_frames(path: Path) -> tuple[np.ndarray, float]:
     40 int16 movie reads in ~0.6 s instead of several seconds through a full read, a copy
     and a conversion). Float data are checked for NaN/inf frame by frame.
     """
-    data, header_ps = read_mrc(path, mmap=True, check_finite=False)
-    frames = np.empty(data.shape, dtype=np.float32)
-    check = data.dtype.kind == "f"
-    try:
-        for i in range(data.shape[0]):
-            frames[i] = data[i]
-            if check and not np.isfinite(frames[i]).all():
-                raise InputError(path, f"frame {i + 1} contains NaN or infinite values",
-                                 "the file is damaged or was written by a failed job; regenerate or remove it")
-    finally:
-        del data
-    return frames, header_ps
+    raw, header_ps = read_mrc(path, mmap=True, check_finite=False)
+    return np.asarray(MovieFrames(path, raw)), header_ps
 
 
 def _finish(frames, path, gain, gain_flip, gain_rot, header_ps, pixel_size):
