@@ -811,6 +811,10 @@ class _Slicer:
         i8, w8 = self._corners(bi)
         if bases is not None:
             i8, w8 = i8[:, bases], w8[:, bases]
+        return self._csr(i8, w8)
+
+    def _csr(self, i8, w8):
+        """CSR ``[pixels × nb, voxels]`` of trilinear corners ``i8``/weights ``w8`` ``[pixels, nb, 8]``."""
         rows = i8.shape[0] * i8.shape[1]
         return _sparse_module(self.xp).csr_matrix((w8.ravel(), i8.ravel(), self._indptr[: rows + 1]),
                                                   shape=(rows, self.size**3))
@@ -825,11 +829,9 @@ class _Slicer:
         i8, w8 = self._corners(bi)
         nb, k = i8.shape[1], stack.shape[1]
         step = max(1, _chunk_bytes(xp) // (4 * nb * k))
-        sp = _sparse_module(xp)
         for t0 in range(0, self.npix, step):
             t1 = min(self.npix, t0 + step)
-            rows = (t1 - t0) * nb
-            m = sp.csr_matrix((w8[t0:t1].ravel(), i8[t0:t1].ravel(), self._indptr[: rows + 1]), shape=(rows, self.size**3))
+            m = self._csr(i8[t0:t1], w8[t0:t1])
             yield t0, t1, xp.asarray(m @ stack).reshape(t1 - t0, nb * k)
 
     def buffer(self, key, n):
@@ -915,11 +917,9 @@ class _Slicer:
         nb, k = i8.shape[1], pphi.shape[1]
         pp = pphi if bases is None else pphi[xp.asarray(bases)]
         step = max(1, _chunk_bytes(xp) // (8 * nb * k))
-        sp = _sparse_module(xp)
         for t0 in range(0, self.npix, step):
             t1 = min(self.npix, t0 + step)
-            rows = (t1 - t0) * nb
-            m = sp.csr_matrix((w8[t0:t1].ravel(), i8[t0:t1].ravel(), self._indptr[: rows + 1]), shape=(rows, self.size**3))
+            m = self._csr(i8[t0:t1], w8[t0:t1])
             if frames.sparse:
                 num = xp.asarray(frames.kt[t0:t1] @ prob, dtype=xp.float32)
             else:
