@@ -13,7 +13,7 @@ import pytest
 
 from conveyor.bench import Measurement, ratio, run_measured, table
 from conveyor.bench.dag import parse_dry_run, parse_job_stats, slurm_jobs_from_dag, slurm_jobs_from_dry_run
-from conveyor.bench.overhead import chains_of, parse_jobs
+from conveyor.bench.overhead import POOL_TIMES, _copies, _job_seconds, _split, chains_of, parse_jobs
 from conveyor.cli import main
 
 
@@ -110,6 +110,41 @@ def test_job_chains_follow_the_files():
     assert [[j["rule"] for j in c] for c in chains] == [["spa_validate_movie", "spa_motion"], ["spa_validate_movie"]]
 
 
+def test_overhead_split_adds_up_to_the_overhead():
+    """Snakemake 110 s wall with 210 s of jobs on 2 cores (5 s idle), pool 100 s with 196 s (2 s idle)."""
+    runs = {"snakemake": [{"wall_s": 110.0, "jobs_s": 210.0}], "pool": [{"wall_s": 100.0, "jobs_s": 196.0}]}
+    s = _split(runs, 2)
+    assert s["snakemake_idle_s"] == pytest.approx(5.0) and s["pool_idle_s"] == pytest.approx(2.0)
+    assert s["overhead_jobs"] == pytest.approx(0.07) and s["overhead_idle"] == pytest.approx(0.03)
+    assert s["overhead_jobs"] + s["overhead_idle"] == pytest.approx(110.0 / 100.0 - 1)
+    # without Snakemake's benchmark files there is nothing to split
+    runs["snakemake"][0]["jobs_s"] = None
+    assert _split(runs, 2)["overhead_jobs"] is None
+
+
+def test_overhead_job_seconds_from_both_sides(tmp_path):
+    jobs = [{"benchmark": [f"benchmarks/m{i}.tsv"]} for i in range(2)]
+    (tmp_path / "benchmarks").mkdir()
+    for i, sec in enumerate((6.5, 7.25)):
+        (tmp_path / f"benchmarks/m{i}.tsv").write_text(f"s\th:m:s\tmax_rss\n{sec}\t0:00:06\t1779.76\n")
+    assert _job_seconds(tmp_path, jobs, "snakemake") == pytest.approx(13.75)
+    assert _job_seconds(tmp_path, [{"benchmark": []}], "snakemake") is None
+    (tmp_path / POOL_TIMES).write_text(json.dumps({"0": 6.0, "1": 7.0}))
+    assert _job_seconds(tmp_path, jobs, "pool") == pytest.approx(13.0)
+
+
+def test_overhead_movie_copies_are_files_of_their_own(tmp_path):
+    src = []
+    for i in range(2):
+        src.append(tmp_path / f"mic_{i + 1:04d}.mrc")
+        src[-1].write_bytes(bytes([i]) * 10)
+    made = _copies(src, 5)
+    assert [p.name for p in made] == ["mic_0003.mrc", "mic_0004.mrc", "mic_0005.mrc"]
+    assert [p.read_bytes()[0] for p in made] == [0, 1, 0]
+    assert not any(p.is_symlink() for p in made) and made[0].stat().st_ino != src[0].stat().st_ino
+    assert _copies(src, 2) == []
+
+
 def test_spa_preprocess_native_smoke(tmp_path, capsys):
     out = tmp_path / "report.json"
     rc = main(["--device", "cpu", "bench", "spa-preprocess", "--size", "256", "--frames", "4", "--no-relion",
@@ -172,15 +207,19 @@ def test_dag_smoke(tmp_path, snakemake_exe):
 @pytest.mark.slow
 def test_overhead_smoke(tmp_path, snakemake_exe):
     out = tmp_path / "overhead.json"
-    rc = main(["bench", "overhead", "--movies", "2", "--size", "256", "--frames", "4", "--warm-memory", "0.01",
-               "--out", str(out)])
+    rc = main(["bench", "overhead", "--movies", "3", "--distinct", "2", "--size", "256", "--frames", "4",
+               "--warm-memory", "0.01", "--out", str(out)])
     assert rc == 0
     report = json.loads(out.read_text())
     s = report["summary"]
     assert report["params"]["warm_memory_gib"] == 0.01
     # by default each movie's preprocessing up to its particles: one job per movie
     assert report["params"]["rules"] == ["spa_preprocess_movie"]
-    assert report["params"]["jobs"] == 2
+    assert report["params"]["jobs"] == 3 and report["params"]["distinct"] == 2
+    assert report["params"]["scheduler"] == "workflow profile"
     assert all(t.startswith("results/overhead/spa/extract/bin4/") for t in report["params"]["targets"])
     assert positive_finite(s["snakemake_s"]) and positive_finite(s["pool_s"]) and positive_finite(s["ratio"])
     assert math.isfinite(s["overhead"]) and math.isfinite(s["snakemake_own_cpu_s"])
+    # each side's jobs timed: Snakemake's benchmark files and the pool's record
+    assert positive_finite(s["snakemake_jobs_s"]) and positive_finite(s["pool_jobs_s"])
+    assert s["overhead_jobs"] + s["overhead_idle"] == pytest.approx(s["overhead"], abs=1e-9)

@@ -37,7 +37,7 @@ GPU_RULES = {"spa_preprocess_movie", "spa_motion", "spa_ctf", "spa_class2d", "sp
              "spi_class2d", "spi_emc", "spi_phasing"}
 PER_MOVIE_RULES = {"spa_preprocess_movie", "spa_validate_movie", "spa_motion", "spa_ctf", "spa_pick", "spa_extract"}
 # keys only the workflow profile may set, and keys it must leave to the site profiles
-WORKFLOW_PROFILE_KEYS = {"set-threads", "set-resources"}
+WORKFLOW_PROFILE_KEYS = {"set-threads", "set-resources", "scheduler"}
 OUTPUT_ENTRIES = {".git", ".snakemake", ".venv", "results", "logs", "benchmarks",
                   ".pytest_cache", "dag.svg", "report.zip"}
 
@@ -108,9 +108,11 @@ def test_profile_keys_are_snakemake_options(name, long_options):
     assert not unknown, f"profiles/{name}: not options of this snakemake: {unknown}"
 
 
-def test_workflow_profile_sets_only_per_rule_keys():
+def test_workflow_profile_sets_only_per_rule_keys_and_the_scheduler():
     # any other key would replace the site profile's (partition, account, grouping ...)
     assert set(load("default")) == WORKFLOW_PROFILE_KEYS
+    # the ILP scheduler starts a solver process at every scheduling round (docs/benchmarks.md)
+    assert load("default")["scheduler"] == "greedy"
 
 
 @pytest.mark.parametrize("name", SITE_PROFILES)

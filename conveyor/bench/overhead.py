@@ -1,7 +1,8 @@
 """Snakemake's overhead: the per-movie preprocessing through Snakemake and through a plain pool.
 
-1. ``N`` small movies are simulated (``conveyor.simulate.spa``); the config has their
-   ``spa:`` section and no ``simulate:`` section, so the workflow starts from the movies.
+1. ``N`` movies are simulated (``conveyor.simulate.spa``), or ``D`` of them and the others
+   copied from those (``--distinct``); the config has their ``spa:`` section and no
+   ``simulate:`` section, so the workflow starts from the movies.
 2. ``snakemake -n -p TARGETS`` lists every per-movie job with its inputs, outputs and exact
    shell command. The default targets are the movies' extracted particle tables
    (``results/overhead/spa/extract/bin4/{mic}.star``): whatever the rules are called, that
@@ -20,6 +21,10 @@ and the numeric libraries are limited to one thread in both. The overhead is
 ``snakemake wall / pool wall - 1``; Snakemake's fixed start-up (``snakemake --version``) is
 reported too, and the CPU time Snakemake itself used (its process tree's CPU time minus the
 pool's). With ``--repeat`` the two alternate and medians are reported.
+
+Each job's own wall time is known on both sides (Snakemake's ``benchmark:`` files, the
+pool's record), which splits the overhead in two (:func:`_split`): the jobs themselves
+running longer, and the cores left without a job (start-up, scheduling, the run's end).
 """
 
 from __future__ import annotations
@@ -40,6 +45,8 @@ TARGET_OVERHEAD = 0.02
 SEED_OVERHEAD = 0.07
 
 _RE_RULE = re.compile(r"^\s*(?:local)?rule (\S+):\s*$")
+#: the plain pool's record of each job's wall time, in its run directory
+POOL_TIMES = "pool_job_times.json"
 
 
 # ----------------------------------------------------------------------------- the pool
@@ -52,11 +59,15 @@ def _pool_main(argv: list[str]) -> int:
     jobs_file, cores, work = argv[0], int(argv[1]), Path(argv[2])
     chains = json.loads(Path(jobs_file).read_text())
 
+    times = {}
+
     def run_chain(chain):
         for job in chain:
             for d in job["dirs"]:
                 (work / d).mkdir(parents=True, exist_ok=True)
+            t0 = time.perf_counter()
             r = subprocess.run(["bash", "-c", f"set -euo pipefail; {job['cmd']}"], cwd=work, check=False)
+            times[job["id"]] = time.perf_counter() - t0
             if r.returncode != 0:
                 return f"exit {r.returncode}: {job['cmd']}"
         return None
@@ -65,6 +76,8 @@ def _pool_main(argv: list[str]) -> int:
         errors = [e for e in pool.map(run_chain, chains) if e]
     for e in errors:
         print(e, file=sys.stderr)
+    # each job's wall time (s), as Snakemake's benchmark files give it for its jobs
+    (work / POOL_TIMES).write_text(json.dumps(times))
     return 1 if errors else 0
 
 
@@ -158,6 +171,7 @@ def _dirs(job: dict) -> list[str]:
 
 
 def run_benchmark(*, movies: int = 8, cores: int = 2, size: int = 512, frames: int = 10, repeat: int = 1,
+                  distinct: int | None = None, scheduler: str | None = None,
                   snakefile=None, include=(), targets=(), until=(), workdir=None, keep: bool = False,
                   seed: int = 0, warm_memory_gib: float = 0.0, argv=None, log=print) -> dict:
     """Run the overhead benchmark and return the report (JSON-able); see the module docstring.
@@ -165,7 +179,15 @@ def run_benchmark(*, movies: int = 8, cores: int = 2, size: int = 512, frames: i
     ``warm_memory_gib``: before every measured run, a separate process writes and frees this
     much memory, so that both sides start from the same state of the machine's memory (on
     a virtual machine, memory left unused for a while can cost several times more to
-    fault in than memory freed moments ago; see docs/benchmarks.md)."""
+    fault in than memory freed moments ago; see docs/benchmarks.md).
+
+    ``distinct``: simulate only this many movies and make the others byte-for-byte copies
+    of them (each its own file, read from disk or page cache as a real movie is), so that a
+    run long enough to amortise Snakemake's fixed start-up does not need hours of
+    simulation; default: every movie simulated.
+
+    ``scheduler``: Snakemake's job scheduler (``greedy`` or ``ilp``); default: the
+    workflow profile's (``profiles/default``, greedy)."""
     import yaml  # noqa: PLC0415
 
     from ..errors import InputError  # noqa: PLC0415
@@ -174,8 +196,13 @@ def run_benchmark(*, movies: int = 8, cores: int = 2, size: int = 512, frames: i
     from .dag import snakemake_base, snakemake_exe, workflow_snakefile  # noqa: PLC0415
 
     movies, cores, repeat = int(movies), int(cores), int(repeat)
-    if movies < 1 or cores < 1 or repeat < 1:
-        raise InputError("bench overhead", "--movies, --cores and --repeat must be at least 1", "pass 1 or more")
+    distinct = movies if distinct is None else int(distinct)
+    if movies < 1 or cores < 1 or repeat < 1 or distinct < 1:
+        raise InputError("bench overhead", "--movies, --distinct, --cores and --repeat must be at least 1",
+                         "pass 1 or more")
+    if scheduler not in (None, "greedy", "ilp"):
+        raise InputError("bench overhead", f"unknown scheduler {scheduler!r}", "use greedy or ilp")
+    distinct = min(distinct, movies)
     report = new_report("overhead", argv)
     report["device"] = device_info("cpu")
     made = workdir is None
@@ -191,10 +218,12 @@ def run_benchmark(*, movies: int = 8, cores: int = 2, size: int = 512, frames: i
     try:
         t0 = time.perf_counter()
         particles = max(2, int(round(40 * (size / 1024) ** 2)))
-        log(f"simulating {movies} movies of {size}x{size}x{frames} ...")
-        paths = simulate_spa(work / "data", micrographs=movies, size=size, frames=frames, particles=particles,
+        log(f"simulating {distinct} movies of {size}x{size}x{frames} ...")
+        paths = simulate_spa(work / "data", micrographs=distinct, size=size, frames=frames, particles=particles,
                              seed=seed)
-        log(f"simulated in {time.perf_counter() - t0:.1f} s")
+        paths["movies"] = list(paths["movies"]) + _copies(paths["movies"], movies)
+        log(f"simulated in {time.perf_counter() - t0:.1f} s"
+            + (f"; {movies - distinct} copies make {movies} movies" if movies > distinct else ""))
         os.sync()  # the movies on disk now, not written back while the first run is measured
         exp = yaml.safe_load(Path(paths["experiment"]).read_text())
         config = work / "config.yaml"
@@ -223,12 +252,15 @@ def run_benchmark(*, movies: int = 8, cores: int = 2, size: int = 512, frames: i
         rules = sorted({j["rule"] for j in jobs})
         chains = chains_of(jobs)
         jobs_file = work / "chains.json"
-        jobs_file.write_text(json.dumps([[{"cmd": j["cmd"], "dirs": _dirs(j)} for j in c] for c in chains]))
+        index = {id(j): i for i, j in enumerate(jobs)}
+        jobs_file.write_text(json.dumps([[{"id": index[id(j)], "cmd": j["cmd"], "dirs": _dirs(j)} for j in c]
+                                         for c in chains]))
         log(f"{len(jobs)} jobs ({', '.join(rules)}) in {len(chains)} chains")
 
         # targets before --set-threads (which takes every word after it), after an option
         # with one value (--configfile in front takes several)
-        smk_opts = ["--cores", str(cores), *sel, "--set-threads", *(f"{r}=1" for r in rules)]
+        smk_opts = ["--cores", str(cores), *(["--scheduler", scheduler] if scheduler else []), *sel,
+                    "--set-threads", *(f"{r}=1" for r in rules)]
         probe = slurm_probe()
         ver = run_measured([snakemake_exe(), "--version"], env=env).check("snakemake --version")
         runs = {"snakemake": [], "pool": []}
@@ -247,8 +279,11 @@ def run_benchmark(*, movies: int = 8, cores: int = 2, size: int = 512, frames: i
                 else:
                     m = run_measured([sys.executable, "-m", "conveyor.bench.overhead", "--pool", str(jobs_file),
                                       str(cores), str(d)], env=env, cwd=d).check("the plain pool")
-                runs[side].append(m.summary())
-                log(f"{side}: {m.wall_s:.1f} s wall, {m.cpu_s:.1f} s CPU")
+                run = m.summary()
+                run["jobs_s"] = _job_seconds(d, jobs, side)
+                runs[side].append(run)
+                log(f"{side}: {m.wall_s:.1f} s wall, {m.cpu_s:.1f} s CPU"
+                    + (f", its jobs {run['jobs_s']:.1f} s in all" if run["jobs_s"] is not None else ""))
                 _check_outputs(d, jobs)
                 if r < repeat - 1 or not keep:
                     shutil.rmtree(d / "results", ignore_errors=True)
@@ -266,8 +301,9 @@ def run_benchmark(*, movies: int = 8, cores: int = 2, size: int = 512, frames: i
     smk_min = min(x["wall_s"] for x in runs["snakemake"])
     pool_min = min(x["wall_s"] for x in runs["pool"])
     startup = ver.wall_s
-    report["params"] = {"movies": movies, "cores": cores, "size": size, "frames": frames, "repeat": repeat,
-                        "warm_memory_gib": warm_memory_gib,
+    report["params"] = {"movies": movies, "distinct": distinct, "cores": cores, "size": size, "frames": frames,
+                        "repeat": repeat, "warm_memory_gib": warm_memory_gib,
+                        "scheduler": scheduler or "workflow profile",
                         "snakefile": str(sf), "targets": tgt, "until": until, "rules": rules,
                         "jobs": len(jobs), "snakemake": ver.stdout.strip(),
                         "snakemake_options": smk_opts}
@@ -289,7 +325,64 @@ def run_benchmark(*, movies: int = 8, cores: int = 2, size: int = 512, frames: i
         "snakemake_own_cpu_paired_s": median(a["cpu_s"] - b["cpu_s"] for a, b in zip(runs["snakemake"], runs["pool"])),
         "target_overhead": TARGET_OVERHEAD, "seed_overhead": SEED_OVERHEAD,
     }
+    report["summary"].update(_split(runs, cores))
     return report
+
+
+def _split(runs: dict, cores: int) -> dict:
+    """The overhead in two parts, from each job's own wall time (run r of both sides, paired).
+
+    With ``J`` the sum of a run's job wall times and ``W`` its wall time, ``W - J / cores``
+    is the time the cores were not running a job (start-up, scheduling, the end of the run
+    and the last round's imbalance). ``snakemake / pool - 1`` is then the sum of
+    ``(J_smk - J_pool) / cores / W_pool`` (the jobs themselves ran longer) and
+    ``(idle_smk - idle_pool) / W_pool`` (Snakemake kept the cores idle longer). Medians over
+    the runs; None where Snakemake's benchmark files are missing (a custom Snakefile)."""
+    from . import median  # noqa: PLC0415
+
+    pairs = [(a, b) for a, b in zip(runs["snakemake"], runs["pool"])
+             if a.get("jobs_s") is not None and b.get("jobs_s") is not None and b["wall_s"] > 0]
+    if not pairs:
+        return {"snakemake_jobs_s": None, "pool_jobs_s": None, "snakemake_idle_s": None, "pool_idle_s": None,
+                "overhead_jobs": None, "overhead_idle": None}
+    idle = lambda r: r["wall_s"] - r["jobs_s"] / cores  # noqa: E731
+    return {
+        "snakemake_jobs_s": median(a["jobs_s"] for a, _ in pairs),
+        "pool_jobs_s": median(b["jobs_s"] for _, b in pairs),
+        "snakemake_idle_s": median(idle(a) for a, _ in pairs),
+        "pool_idle_s": median(idle(b) for _, b in pairs),
+        "overhead_jobs": median((a["jobs_s"] - b["jobs_s"]) / cores / b["wall_s"] for a, b in pairs),
+        "overhead_idle": median((idle(a) - idle(b)) / b["wall_s"] for a, b in pairs),
+    }
+
+
+def _copies(movies: list, n: int) -> list:
+    """Copies of the simulated movies (round robin) up to ``n`` movies in all, numbered on."""
+    src = [Path(m) for m in movies]
+    out = []
+    for i in range(len(src), n):
+        m = src[i % len(src)]
+        dst = m.with_name(f"mic_{i + 1:04d}{m.suffix}")
+        shutil.copyfile(m, dst)
+        out.append(dst)
+    return out
+
+
+def _job_seconds(d: Path, jobs: list[dict], side: str) -> float | None:
+    """Sum of the run's job wall times (s): Snakemake's benchmark files, or the pool's record."""
+    if side == "pool":
+        f = d / POOL_TIMES
+        return sum(json.loads(f.read_text()).values()) if f.exists() else None
+    total = 0.0
+    for j in jobs:
+        if not j["benchmark"]:
+            return None
+        try:
+            lines = (d / j["benchmark"][0]).read_text().splitlines()
+            total += float(lines[1].split("\t")[lines[0].split("\t").index("s")])
+        except (OSError, ValueError, IndexError):
+            return None
+    return total
 
 
 def _check_outputs(d: Path, jobs: list[dict]) -> None:
@@ -302,8 +395,10 @@ def format_report(report: dict) -> str:
     from . import fmt, table  # noqa: PLC0415
 
     p, s = report["params"], report["summary"]
+    copies = p["movies"] - p.get("distinct", p["movies"])
     head = (f"{p['jobs']} jobs ({', '.join(p['rules'])}) of {p['movies']} movies "
-            f"({p['size']}x{p['size']}x{p['frames']}) on {p['cores']} "
+            f"({p['size']}x{p['size']}x{p['frames']}{f'; {copies} copies of the simulated ones' if copies else ''}; "
+            f"scheduler: {p.get('scheduler', 'workflow profile')}) on {p['cores']} "
             f"cores, median of {p['repeat']} run(s); {report['device']['cpu_model']}, {report['device']['nproc']} cores")
     if p.get("warm_memory_gib"):
         head += f"; {p['warm_memory_gib']:g} GiB of memory written and freed before every run"
@@ -319,8 +414,14 @@ def format_report(report: dict) -> str:
              f"{fmt(None if s['overhead_without_startup'] is None else 100 * s['overhead_without_startup'], '.1f')}%; "
              f"CPU used by Snakemake itself {fmt(s['snakemake_own_cpu_s'], '.1f')} s "
              f"({fmt(None if s['cpu_overhead'] is None else 100 * s['cpu_overhead'], '.1f')}% of the jobs' CPU)"]
+    pct = lambda x: fmt(None if x is None else 100 * x, ".1f")  # noqa: E731
+    if s.get("overhead_jobs") is not None:
+        lines.append(
+            f"of which: the jobs' own wall times, {fmt(s['snakemake_jobs_s'])} s in all under Snakemake against "
+            f"{fmt(s['pool_jobs_s'])} s in the pool ({pct(s['overhead_jobs'])}%); cores left without a job "
+            f"(start-up, scheduling, end), {fmt(s['snakemake_idle_s'])} s against {fmt(s['pool_idle_s'])} s "
+            f"({pct(s['overhead_idle'])}%)")
     if p["repeat"] > 1:
-        pct = lambda x: fmt(None if x is None else 100 * x, ".1f")  # noqa: E731
         lines.append(f"fastest runs: snakemake {fmt(s['snakemake_min_s'])} s, pool {fmt(s['pool_min_s'])} s: "
                      f"overhead {pct(s['overhead_min'])}%, without start-up {pct(s['overhead_min_without_startup'])}%; "
                      f"Snakemake's own CPU, run by run: {fmt(s['snakemake_own_cpu_paired_s'], '.1f')} s (median)")

@@ -45,7 +45,8 @@ def _overhead(args) -> int:
     from ..bench.overhead import format_report, run_benchmark  # noqa: PLC0415
 
     report = run_benchmark(movies=args.movies, cores=args.cores, size=args.size, frames=args.frames,
-                           repeat=args.repeat, snakefile=args.snakefile, include=args.include, targets=args.target,
+                           repeat=args.repeat, distinct=args.distinct, scheduler=args.scheduler,
+                           snakefile=args.snakefile, include=args.include, targets=args.target,
                            until=args.until, workdir=args.workdir, keep=args.keep, seed=args.seed,
                            warm_memory_gib=args.warm_memory, argv=["conveyor", *sys.argv[1:]], log=_log)
     write_report(report, args.out)
@@ -114,7 +115,12 @@ def register(group) -> None:
         "and the very command lines Snakemake printed (`snakemake -n -p`) through a pool of C workers, one movie's "
         "jobs after the other per worker. Prints both wall times and the overhead (snakemake / pool - 1).",
     )
-    p.add_argument("--movies", type=int, default=8, help="simulated movies (default 8)")
+    p.add_argument("--movies", type=int, default=8, help="movies (default 8)")
+    p.add_argument("--distinct", type=int, default=None,
+                   help="simulate only this many movies; the others are copies of them, each its own file "
+                   "(default: all simulated)")
+    p.add_argument("--scheduler", choices=["greedy", "ilp"], default=None,
+                   help="Snakemake's job scheduler (default: the workflow profile's, greedy)")
     p.add_argument("--cores", type=int, default=2, help="parallel jobs for both (default 2)")
     p.add_argument("--size", type=int, default=512, help="movie size in px (default 512)")
     p.add_argument("--frames", type=int, default=10, help="frames per movie (default 10)")
