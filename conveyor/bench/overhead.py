@@ -170,8 +170,8 @@ def _dirs(job: dict) -> list[str]:
 # ----------------------------------------------------------------------------- the benchmark
 
 
-def run_benchmark(*, movies: int = 8, cores: int = 2, size: int = 512, frames: int = 10, repeat: int = 1,
-                  distinct: int | None = None, scheduler: str | None = None,
+def run_benchmark(*, movies: int = 32, cores: int = 2, size: int = 2048, frames: int = 40, repeat: int = 1,
+                  distinct: int | None = 4, scheduler: str | None = None,
                   snakefile=None, include=(), targets=(), until=(), workdir=None, keep: bool = False,
                   seed: int = 0, warm_memory_gib: float = 0.0, argv=None, log=print) -> dict:
     """Run the overhead benchmark and return the report (JSON-able); see the module docstring.
@@ -184,7 +184,7 @@ def run_benchmark(*, movies: int = 8, cores: int = 2, size: int = 512, frames: i
     ``distinct``: simulate only this many movies and make the others byte-for-byte copies
     of them (each its own file, read from disk or page cache as a real movie is), so that a
     run long enough to amortise Snakemake's fixed start-up does not need hours of
-    simulation; default: every movie simulated.
+    simulation; None: every movie simulated.
 
     ``scheduler``: Snakemake's job scheduler (``greedy`` or ``ilp``); default: the
     workflow profile's (``profiles/default``, greedy)."""

@@ -110,20 +110,23 @@ def register(group) -> None:
     p = g.add_parser(
         "overhead",
         help="Snakemake's overhead: the same command lines through Snakemake and through a plain process pool",
-        description="Simulate N small movies, run the per-movie preprocessing (up to each movie's extracted "
-        "particles) through `snakemake --cores C` (config without a simulation section, every job on one thread) "
+        description="Simulate D movies and copy them to N, run the per-movie preprocessing (up to each movie's "
+        "extracted particles) through `snakemake --cores C` (config without a simulation section, every job on one thread) "
         "and the very command lines Snakemake printed (`snakemake -n -p`) through a pool of C workers, one movie's "
-        "jobs after the other per worker. Prints both wall times and the overhead (snakemake / pool - 1).",
+        "jobs after the other per worker. Prints both wall times and the overhead (snakemake / pool - 1), split "
+        "into the jobs' own time and the time the cores had no job.",
     )
-    p.add_argument("--movies", type=int, default=8, help="movies (default 8)")
-    p.add_argument("--distinct", type=int, default=None,
+    p.add_argument("--movies", type=int, default=32,
+                   help="movies (default 32: with the default size, about two minutes per run on two cores, so "
+                   "that Snakemake's start-up weighs about what it weighs on a real data set)")
+    p.add_argument("--distinct", type=int, default=4,
                    help="simulate only this many movies; the others are copies of them, each its own file "
-                   "(default: all simulated)")
+                   "(default 4)")
     p.add_argument("--scheduler", choices=["greedy", "ilp"], default=None,
                    help="Snakemake's job scheduler (default: the workflow profile's, greedy)")
     p.add_argument("--cores", type=int, default=2, help="parallel jobs for both (default 2)")
-    p.add_argument("--size", type=int, default=512, help="movie size in px (default 512)")
-    p.add_argument("--frames", type=int, default=10, help="frames per movie (default 10)")
+    p.add_argument("--size", type=int, default=2048, help="movie size in px (default 2048)")
+    p.add_argument("--frames", type=int, default=40, help="frames per movie (default 40)")
     p.add_argument("--repeat", type=int, default=1, help="runs of each (alternating); medians reported (default 1)")
     p.add_argument("--seed", type=int, default=0, help="simulation seed (default 0)")
     p.add_argument("--warm-memory", type=float, default=0.0, metavar="GIB",
