@@ -37,3 +37,23 @@ def snakemake_exe() -> str:
     if exe is None:
         pytest.skip("snakemake is not installed (run `make test`, which installs it)")
     return exe
+
+
+@pytest.fixture
+def fake_gpu(monkeypatch):
+    """The 'gpu' device backed by tests/fakecupy.py: numpy underneath, but arrays that, like
+    cupy's, refuse implicit conversion to numpy and mixing with numpy arrays. Checks that a
+    device code path keeps its arrays on the device and converts where it must."""
+    sys.path.insert(0, str(Path(__file__).parent))
+    try:
+        import fakecupy
+    finally:
+        sys.path.pop(0)
+    from conveyor import backend
+
+    monkeypatch.setattr(backend, "_cupy", lambda: fakecupy)
+    for name, module in fakecupy.cupyx_modules().items():  # cupyx.scipy.ndimage etc. over scipy's
+        monkeypatch.setitem(sys.modules, name, module)
+    backend.set_device("gpu")
+    yield fakecupy
+    backend.set_device(None)

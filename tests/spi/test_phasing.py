@@ -321,3 +321,14 @@ def test_gpu_phasing_matches_truth(sim):
     avg = backend.to_host(res.average)
     assert ph.align_densities(sim["truth_resampled"], avg).cc >= 0.9
     assert np.isfinite(res.prtf.resolution)
+
+
+def test_phasing_on_the_fake_device_matches_the_cpu(sim, fake_gpu):
+    """The device path (tests/fakecupy.py: arrays that refuse implicit conversion to numpy) gives the CPU's density."""
+    kw = dict(n_runs=2, n_iter=50, seed=0, dq=sim["dq"])
+    backend.set_device("cpu")
+    cpu = ph.phase_many(sim["noisy"], mask=sim["mask"], **kw)
+    backend.set_device("gpu")
+    dev = ph.phase_many(fake_gpu.asarray(sim["noisy"]), mask=fake_gpu.asarray(sim["mask"]), **kw)
+    assert isinstance(dev.average, fake_gpu.ndarray)
+    np.testing.assert_allclose(backend.to_host(dev.average), cpu.average, atol=1e-4 * np.abs(cpu.average).max())
