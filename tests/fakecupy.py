@@ -6,7 +6,9 @@ writer), they cannot be mixed with numpy arrays in arithmetic or in this module'
 functions (cupy raises ``TypeError`` there as well), and ``a.get()`` / ``asnumpy(a)`` are
 the only ways back to the host. numpy functions called on them dispatch here
 (``__array_function__``), as they do for cupy arrays. Underneath, numpy and scipy.fft do
-the work (scipy.fft keeps float32 as complex64, as cuFFT does).
+the work (scipy.fft keeps float32 as complex64, as cuFFT does). ``cupyx_modules()`` gives
+``cupyx.scipy.ndimage``, ``cupyx.scipy.special``, ``cupyx.scipy.sparse`` (device sparse
+matrices over scipy's, same rules) and ``cupyx.scatter_add``.
 
 What it checks: that a step meant to run on the device keeps its arrays on the device and
 converts at the right places. What it cannot check: CUDA itself, cupy's own numerical
@@ -245,9 +247,138 @@ class _Wrapped(types.ModuleType):
         return _function(f"{self.__name__}.{attr}", obj) if callable(obj) and not isinstance(obj, type) else obj
 
 
+class _SparseMatrix:
+    """A sparse matrix on the device: scipy's underneath, device arrays in and out."""
+
+    def __init__(self, m):
+        self._m = m
+
+    # what cupyx.scipy.sparse matrices have
+    shape = property(lambda self: self._m.shape)
+    dtype = property(lambda self: self._m.dtype)
+    nnz = property(lambda self: self._m.nnz)
+    ndim = property(lambda self: 2)
+    format = property(lambda self: self._m.format)
+    T = property(lambda self: _sparse_wrap(self._m.T))
+    data = property(lambda self: ndarray(self._m.data),
+                    lambda self, v: setattr(self._m, "data", _unwrap(v, True, "data")))
+    indices = property(lambda self: ndarray(self._m.indices))
+    indptr = property(lambda self: ndarray(self._m.indptr))
+    row = property(lambda self: ndarray(self._m.row))
+    col = property(lambda self: ndarray(self._m.col))
+
+    def get(self, stream=None):
+        return self._m.copy()
+
+    def __array__(self, dtype=None, copy=None):
+        raise TypeError("Implicit conversion to a NumPy array is not allowed.")
+
+    def __getattr__(self, name):
+        if name.startswith("__"):
+            raise AttributeError(name)
+        attr = getattr(self._m, name)
+        if callable(attr):
+            def method(*args, **kwargs):
+                return _sparse_wrap(attr(*_sparse_unwrap(args, name), **_sparse_unwrap(kwargs, name)))
+            return method
+        return _sparse_wrap(attr)
+
+    def __getitem__(self, key):
+        return _sparse_wrap(self._m[_sparse_unwrap(key, "__getitem__")])
+
+    def _op(name):  # noqa: N805 -- builds the operators below
+        def op(self, other):
+            return _sparse_wrap(getattr(self._m, name)(_sparse_unwrap(other, name)))
+        return op
+
+    __matmul__, __rmatmul__ = _op("__matmul__"), _op("__rmatmul__")
+    __mul__, __rmul__ = _op("__mul__"), _op("__rmul__")
+    __add__, __radd__, __sub__ = _op("__add__"), _op("__radd__"), _op("__sub__")
+    __truediv__, __neg__ = _op("__truediv__"), (lambda self: _SparseMatrix(-self._m))
+    dot = _op("dot")
+    del _op
+
+    # a numpy ufunc or function with a device sparse matrix: not allowed, as in cupy
+    __array_priority__ = 1000
+    __array_ufunc__ = None
+
+
+#: the class of this module's device sparse matrices
+cupyx_sparse_matrix = _SparseMatrix
+
+
+def _sparse_unwrap(x, name):
+    if isinstance(x, _SparseMatrix):
+        return x._m
+    if _scipy_sparse().issparse(x):
+        raise TypeError(f"{name}: a host scipy.sparse matrix mixed with device arrays")
+    if isinstance(x, (list, tuple)):
+        return type(x)(_sparse_unwrap(v, name) for v in x)
+    if isinstance(x, dict):
+        return {k: _sparse_unwrap(v, name) for k, v in x.items()}
+    return _unwrap(x, True, name)
+
+
+def _sparse_wrap(x):
+    sps = _scipy_sparse()
+    if sps.issparse(x):
+        return _SparseMatrix(x)
+    if isinstance(x, numpy.matrix):  # scipy's sums over an axis; cupyx gives a 2-d array
+        return ndarray(numpy.asarray(x))
+    return _wrap(x)
+
+
+def _scipy_sparse():
+    import scipy.sparse  # noqa: PLC0415
+
+    return scipy.sparse
+
+
+def _sparse_constructor(kind):
+    def make(arg, shape=None, dtype=None, copy=False):
+        sps = _scipy_sparse()
+        if isinstance(arg, _SparseMatrix):
+            arg = arg._m
+        elif sps.issparse(arg):
+            arg = arg.copy()  # a host matrix copied to the device, as cupyx allows
+        elif isinstance(arg, ndarray):
+            arg = arg._a
+        else:
+            arg = _unwrap(arg, True, f"{kind}_matrix")
+        return _SparseMatrix(getattr(sps, f"{kind}_matrix")(arg, shape=shape, dtype=dtype, copy=copy))
+
+    make.__name__ = f"{kind}_matrix"
+    return make
+
+
+class _SparseFunctions(types.ModuleType):
+    """scipy.sparse's other functions (diags, eye, hstack, ...) on device arrays and matrices."""
+
+    def __getattr__(self, attr):
+        if attr.startswith("__"):
+            raise AttributeError(attr)
+        fn = getattr(_scipy_sparse(), attr)
+        if not callable(fn) or isinstance(fn, type):
+            return fn
+
+        def f(*args, **kwargs):
+            return _sparse_wrap(fn(*_sparse_unwrap(args, attr), **_sparse_unwrap(kwargs, attr)))
+        return f
+
+
+def _sparse_module():
+    mod = _SparseFunctions("cupyx.scipy.sparse")
+    for kind in ("csr", "csc", "coo"):
+        types.ModuleType.__setattr__(mod, f"{kind}_matrix", _sparse_constructor(kind))
+    types.ModuleType.__setattr__(mod, "issparse", lambda x: isinstance(x, _SparseMatrix))
+    types.ModuleType.__setattr__(mod, "spmatrix", _SparseMatrix)
+    return mod
+
+
 def cupyx_modules() -> dict:
-    """``cupyx`` (``scatter_add``), ``cupyx.scipy.ndimage`` and ``cupyx.scipy.special`` over numpy's
-    and scipy's, for ``sys.modules`` (the ``fake_gpu`` fixture installs them)."""
+    """``cupyx`` (``scatter_add``), ``cupyx.scipy.ndimage``, ``cupyx.scipy.special`` and
+    ``cupyx.scipy.sparse`` over numpy's and scipy's, for ``sys.modules`` (the ``fake_gpu``
+    fixture installs them)."""
     import scipy.ndimage  # noqa: PLC0415
     import scipy.special  # noqa: PLC0415
 
@@ -257,7 +388,10 @@ def cupyx_modules() -> dict:
     types.ModuleType.__setattr__(top, "scatter_add", _function("cupyx.scatter_add", numpy.add.at))
     types.ModuleType.__setattr__(sci, "ndimage", nd)
     types.ModuleType.__setattr__(sci, "special", sp)
-    return {"cupyx": top, "cupyx.scipy": sci, "cupyx.scipy.ndimage": nd, "cupyx.scipy.special": sp}
+    sparse = _sparse_module()
+    types.ModuleType.__setattr__(sci, "sparse", sparse)
+    return {"cupyx": top, "cupyx.scipy": sci, "cupyx.scipy.ndimage": nd, "cupyx.scipy.special": sp,
+            "cupyx.scipy.sparse": sparse}
 
 
 def __getattr__(name):

@@ -34,6 +34,16 @@ def test_the_fake_device_is_strict(fake_gpu):
     assert isinstance(np.sum(a), fake_gpu.ndarray) and float(np.sum(a)) == 4.0
     assert fake_gpu.fft.rfft2(fake_gpu.ones((4, 4), np.float32)).dtype == np.complex64
     assert backend.get_device() == "gpu" and isinstance(backend.to_host(a), np.ndarray)
+    # sparse matrices: from device arrays or host scipy matrices, products with device arrays only
+    import cupyx.scipy.sparse as cps
+    import scipy.sparse as sps
+
+    m = cps.csr_matrix(sps.eye(4, dtype=np.float32, format="csr"))
+    assert cps.issparse(m) and isinstance(m @ a, fake_gpu.ndarray) and float((m @ a).sum()) == 4.0
+    with pytest.raises(TypeError):
+        m @ np.ones(4, np.float32)
+    with pytest.raises(TypeError):
+        np.asarray(m)
 
 
 def test_motion_on_the_device_matches_the_cpu(fake_gpu):

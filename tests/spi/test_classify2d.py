@@ -198,3 +198,19 @@ def test_class_file_round_trip(result, tmp_path):
     assert len(cf.attrs["log"]) == len(result.log)
     c2.plot_gallery(tmp_path / "g.png", cf.images, cf.populations, selected=[1, 3])
     assert (tmp_path / "g.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_fake_device_matches_the_cpu(data, fake_gpu):
+    """The device path on tests/fakecupy.py (arrays and sparse matrices that refuse implicit conversion
+    to numpy, as cupy's do) classifies as the CPU does."""
+    from conveyor import backend
+
+    frames, mask, center, _ = data
+    kw = dict(n_classes=4, iterations=6, seed=3)
+    backend.set_device("cpu")
+    cpu = c2.classify_patterns(frames[:120], mask, center, **kw)
+    backend.set_device("gpu")
+    dev = c2.classify_patterns(fake_gpu.asarray(frames[:120]), mask, center, **kw)
+    np.testing.assert_array_equal(backend.to_host(dev.assignments), cpu.assignments)
+    np.testing.assert_allclose(backend.to_host(dev.class_images), cpu.class_images,
+                               rtol=1e-3, atol=1e-4 * np.nanmax(np.abs(cpu.class_images)))

@@ -1,9 +1,9 @@
 """The GPU code paths of SPI hit finding and centring, run on a machine without a GPU.
 
 ``fake_gpu`` (tests/conftest.py, tests/fakecupy.py): numpy underneath, arrays that refuse
-implicit conversion to numpy and mixing with numpy arrays, as cupy's do. Sizing, 2D
-classification and EMC use ``cupyx.scipy.sparse``, which the fake does not provide; the
-phasing's device path is in test_phasing.py.
+implicit conversion to numpy and mixing with numpy arrays, as cupy's do. The device paths
+of sizing, 2D classification, EMC and phasing are tested in their own test files
+(the tests named ``*fake_device*``).
 """
 
 from __future__ import annotations

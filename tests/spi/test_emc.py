@@ -383,3 +383,20 @@ def test_cli_bad_input_is_one_line_exit_2(tiny, tmp_path, capsys):
     assert _cli(tiny, tmp_path / "w", "--iterations", "1") == 0
     assert _cli(tiny, tmp_path / "w", "--iterations", "2", "--resume", "--bin", "2") == 2
     assert "emc_state.h5" in capsys.readouterr().err
+
+
+def test_fake_device_matches_cpu(capsid, fake_gpu):
+    """The device path, dense and sparse frames, on tests/fakecupy.py (arrays and sparse matrices that
+    refuse implicit conversion to numpy, as cupy's do): the CPU's intensity."""
+    paths, k, q, c, dq, geom = capsid
+    quats, weights = quaternion_grid(2)
+    kw = dict(iterations=2, beta_schedule=(0.01, 1.0, 1), corr=c, rng=3)
+    backend.set_device("cpu")
+    cpu = E.emc(k[:50], q, "auto", quats, weights, **kw)
+    backend.set_device("gpu")
+    dense = E.emc(backend.asarray(k[:50]), q, "auto", quats, weights, **kw)
+    sparse = E.to_sparse(k[:50])
+    assert isinstance(sparse, fake_gpu.cupyx_sparse_matrix)
+    sp = E.emc(sparse, q, "auto", quats, weights, **kw)
+    for dev in (dense, sp):
+        assert np.allclose(backend.to_host(dev.intensity), cpu.intensity, rtol=1e-3, atol=1e-4 * cpu.intensity.max())

@@ -113,3 +113,16 @@ def test_size_of_simulated_hits_against_truth(tmp_path_factory, tmp_path):
     assert single.sum() > 50
     assert np.max(np.abs(err)) <= 0.03, f"max error {np.max(np.abs(err)):.3f}"
     assert np.isnan(df["diameter_nm"][~df["is_hit"]]).all()
+
+
+def test_sizing_on_the_fake_device_matches_the_cpu(singles, fake_gpu):
+    """The device path on tests/fakecupy.py (arrays and sparse matrices that refuse implicit conversion
+    to numpy, as cupy's do) sizes as the CPU does."""
+    from conveyor import backend
+
+    data, mask, _ = singles
+    backend.set_device("cpu")
+    cpu = sz.size_frames(data[:30], mask, CENTER, background=0.002, **GEOM)
+    backend.set_device("gpu")
+    dev = sz.size_frames(fake_gpu.asarray(data[:30]), mask, CENTER, background=0.002, **GEOM)
+    np.testing.assert_allclose(backend.to_host(dev.diameter_nm), cpu.diameter_nm, rtol=1e-4)
