@@ -50,6 +50,25 @@ def _unwrap(x, strict: bool, name: str):
     return x
 
 
+def _strict(x, name):
+    return _unwrap(x, True, name)
+
+
+def _delegate(obj, name, unwrap, wrap):
+    """Attribute ``name`` of ``obj`` for a device object: methods take and give device objects."""
+    if name.startswith("__"):
+        raise AttributeError(name)
+    attr = getattr(obj, name)
+    if not callable(attr):
+        return wrap(attr)
+
+    def method(*args, **kwargs):
+        return wrap(attr(*unwrap(args, name), **unwrap(kwargs, name)))
+
+    method.__name__ = name
+    return method
+
+
 def _wrap(x):
     if isinstance(x, numpy.ndarray):
         return ndarray(x)
@@ -103,15 +122,9 @@ class ndarray(NDArrayOperatorsMixin):  # noqa: N801 -- cupy's name
     imag = property(lambda self: ndarray(self._a.imag))
 
     def __getattr__(self, name):
-        if name.startswith("__"):
-            # not numpy's __array_interface__ / __array_struct__ / __dlpack__: no way around __array__
-            raise AttributeError(name)
-        attr = getattr(self._a, name)
-        if callable(attr):
-            def method(*args, **kwargs):
-                return _wrap(attr(*_unwrap(args, True, name), **_unwrap(kwargs, True, name)))
-            return method
-        return _wrap(attr)
+        # dunders are not delegated: numpy's __array_interface__ / __array_struct__ would be
+        # a way around __array__
+        return _delegate(self._a, name, _strict, _wrap)
 
     def __getitem__(self, key):
         return _wrap(self._a[_unwrap(key, True, "__getitem__")])
@@ -274,14 +287,7 @@ class _SparseMatrix:
         raise TypeError("Implicit conversion to a NumPy array is not allowed.")
 
     def __getattr__(self, name):
-        if name.startswith("__"):
-            raise AttributeError(name)
-        attr = getattr(self._m, name)
-        if callable(attr):
-            def method(*args, **kwargs):
-                return _sparse_wrap(attr(*_sparse_unwrap(args, name), **_sparse_unwrap(kwargs, name)))
-            return method
-        return _sparse_wrap(attr)
+        return _delegate(self._m, name, _sparse_unwrap, _sparse_wrap)
 
     def __getitem__(self, key):
         return _sparse_wrap(self._m[_sparse_unwrap(key, "__getitem__")])
@@ -355,15 +361,9 @@ class _SparseFunctions(types.ModuleType):
     """scipy.sparse's other functions (diags, eye, hstack, ...) on device arrays and matrices."""
 
     def __getattr__(self, attr):
-        if attr.startswith("__"):
-            raise AttributeError(attr)
-        fn = getattr(_scipy_sparse(), attr)
-        if not callable(fn) or isinstance(fn, type):
-            return fn
-
-        def f(*args, **kwargs):
-            return _sparse_wrap(fn(*_sparse_unwrap(args, attr), **_sparse_unwrap(kwargs, attr)))
-        return f
+        if isinstance(getattr(_scipy_sparse(), attr, None), type):
+            return getattr(_scipy_sparse(), attr)
+        return _delegate(_scipy_sparse(), attr, _sparse_unwrap, _sparse_wrap)
 
 
 def _sparse_module():
