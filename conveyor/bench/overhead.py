@@ -252,8 +252,9 @@ def run_benchmark(*, movies: int = 32, cores: int = 2, size: int = 2048, frames:
         rules = sorted({j["rule"] for j in jobs})
         chains = chains_of(jobs)
         jobs_file = work / "chains.json"
-        index = {id(j): i for i, j in enumerate(jobs)}
-        jobs_file.write_text(json.dumps([[{"id": index[id(j)], "cmd": j["cmd"], "dirs": _dirs(j)} for j in c]
+        for i, j in enumerate(jobs):
+            j["id"] = i  # the pool records each job's wall time under it
+        jobs_file.write_text(json.dumps([[{"id": j["id"], "cmd": j["cmd"], "dirs": _dirs(j)} for j in c]
                                          for c in chains]))
         log(f"{len(jobs)} jobs ({', '.join(rules)}) in {len(chains)} chains")
 
