@@ -2,7 +2,7 @@
 # The GPU checks: the tests marked `gpu` and the GPU figures of `conveyor bench spa-preprocess`.
 #
 # On a GPU node with Conveyor installed (pip install -e .[gpu]):
-#     bash scripts/gpu-check.sh [OUT_DIR]
+#     bash scripts/gpu-check.sh [OUT_DIR] [all|tests|bench]
 # On a bare CUDA machine with python3, numpy, scipy, pandas, h5py, matplotlib, cupy and
 # pytest but not Conveyor's other dependencies, fetch those first where pip can reach PyPI
 # (they are then read from .whl/ in the repository):
@@ -31,6 +31,8 @@ if [[ "${1:-}" == "--fetch-wheels" ]]; then
 fi
 
 out="${1:-gpu-check}"
+what="${2:-all}"   # tests or bench alone, where one command may run ten minutes at most
+case "$what" in all|tests|bench) ;; *) echo "gpu-check: second argument: all, tests or bench" >&2; exit 2;; esac
 mkdir -p "$out"
 py=python3
 if ! "$py" -c "import conveyor" 2>/dev/null || ! "$py" -c "import mrcfile, starfile" 2>/dev/null; then
@@ -53,7 +55,11 @@ print("device:", backend.describe())
 EOF
 
 status=0
-"$py" -m pytest -q -p no:cacheprovider -m gpu tests/ 2>&1 | tee "$out/gpu-tests.log" || status=$?
-"$py" -m conveyor --device gpu bench spa-preprocess --no-relion --repeat 3 --out "$out/gpu-bench.json" \
-    2>&1 | tee "$out/gpu-bench.txt" || status=$?
+if [[ "$what" != bench ]]; then
+    "$py" -m pytest -q -p no:cacheprovider -m gpu tests/ 2>&1 | tee "$out/gpu-tests.log" || status=$?
+fi
+if [[ "$what" != tests ]]; then
+    "$py" -m conveyor --device gpu bench spa-preprocess --no-relion --repeat 3 --out "$out/gpu-bench.json" \
+        2>&1 | tee "$out/gpu-bench.txt" || status=$?
+fi
 exit "$status"
