@@ -27,8 +27,9 @@ from numpy.lib.mixins import NDArrayOperatorsMixin
 
 __version__ = "0.0-fake"
 
-#: functions that take host data on purpose
-_HOST_OK = {"asarray", "array", "asnumpy", "ascontiguousarray"}
+#: numpy functions reached through this module that take host data on purpose (asarray,
+#: array and asnumpy are defined below)
+_HOST_OK = {"ascontiguousarray"}
 
 
 def _is_host_array(x) -> bool:

@@ -303,9 +303,9 @@ def read_movie(path, gain=None, gain_flip=None, gain_rot=0, pixel_size=None):
 def _read_mrc_frames(path: Path) -> tuple[np.ndarray, float]:
     """float32 frames of an MRC movie, converted one frame at a time from a memory map.
 
-    One pass over the file and one float32 array: no copy of the stored data (a 4096² ×
-    40 int16 movie reads in ~0.6 s instead of several seconds through a full read, a copy
-    and a conversion). Float data are checked for NaN/inf frame by frame.
+    One pass over the file and one float32 array: no copy of the stored data, where a full
+    read, a copy and a conversion touch the movie's memory three times. Float data are
+    checked for NaN/inf frame by frame.
     """
     raw, header_ps = read_mrc(path, mmap=True, check_finite=False)
     return np.asarray(MovieFrames(path, raw)), header_ps
