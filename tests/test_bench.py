@@ -166,7 +166,12 @@ def test_spa_preprocess_native_smoke(tmp_path, capsys):
     assert steps["ctf"]["accuracy"]["relion"].startswith("n/a")
     assert 0.0 <= steps["pick"]["accuracy"]["ours_f1"] <= 1.0
     assert positive_finite(report["totals"]["ours_s_per_movie"])
-    assert "motion" in capsys.readouterr().out
+    # the four steps in one process, as the workflow's job: the same particles as the steps one by one
+    job = report["job"]
+    assert positive_finite(job["ours"]["s_per_movie"]) and job["ours"]["run_s"] <= job["ours"]["s_per_movie"]
+    assert job["accuracy"]["ours_particles"] == steps["extract"]["accuracy"]["ours_particles"]
+    assert report["totals"]["job_ratio"] is None
+    assert "one process" in capsys.readouterr().out
 
 
 @pytest.mark.peer
@@ -185,7 +190,7 @@ def test_spa_preprocess_with_relion(tmp_path):
     assert math.isfinite(steps["motion"]["accuracy"]["relion_drift_rmse_px"])
     assert 0.0 <= steps["pick"]["accuracy"]["relion_f1"] <= 1.0
     assert steps["ctf"]["relion"] is None
-    assert positive_finite(report["totals"]["ratio"])
+    assert positive_finite(report["totals"]["ratio"]) and positive_finite(report["totals"]["job_ratio"])
 
 
 @pytest.mark.slow
