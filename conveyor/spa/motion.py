@@ -2,9 +2,9 @@
 
 The steps (see ``docs/algorithms/motion.md`` for the full description):
 
-0. **One FFT per frame** (:func:`_prepare`). Every frame is Fourier-transformed once
-   (float32 in, complex64 out). The spectra are kept for the sums; their Fourier crops to
-   the alignment band, transformed back, are the *binned frames* that both alignments use,
+0. **One FFT per frame** (:func:`_prepare`). Every frame is Fourier-transformed (float32
+   in, complex64 out); the Fourier crops of the spectra to the alignment band, transformed
+   back, are the *binned frames* that both alignments use,
    so the alignment work does not grow with the detector size. The band keeps the
    frequencies where the cross-power B-factor weight ``exp(-B k²/2)`` is at least e^-2
    (:data:`ALIGN_BAND`, :data:`PATCH_BAND`; ``binning`` crops further).
@@ -854,33 +854,27 @@ def align_frames(frames, pixel_size: float, bfactor: float = 150.0, max_iter: in
     xp = backend.array_module(frames)
     ny, nx = frames.shape[1:]
     size = (_band_size(ny, pixel_size, bfactor, binning), _band_size(nx, pixel_size, bfactor, binning))
-    _, binned = _prepare(frames, size, xp)
+    binned = _prepare(frames, size, xp)
     return _align_binned(binned, (ny, nx), pixel_size, bfactor, max_iter=max_iter, binning=binning, tol=tol,
                          max_shift=max_shift, group=group, smooth=smooth, taper=taper, return_info=return_info)
 
 
-def _prepare(frames, size, xp, keep_spectra=False):
-    """(full rFFT spectra or None, frames binned to ``size``) — one FFT per frame for both.
+def _prepare(frames, size, xp):
+    """The frames binned to ``size``: ``[n, my, mx]`` float32 (Fourier-cropped, see
+    :func:`_binned_frames`), which feed both alignments.
 
-    The spectra ``[n, ny, nx // 2 + 1]`` complex64 are kept for the sums when
-    ``keep_spectra``; the binned frames ``[n, my, mx]`` float32 (Fourier-cropped, see
-    :func:`_binned_frames`) feed both alignments.
+    A few frames at a time: each frame's full spectrum exists only while it is cropped (the
+    sums transform the frames again rather than keep the spectra: see :func:`correct_motion`).
     """
     n, ny, nx = frames.shape
     my, mx = size
     fft = _fft(xp)
     binned = xp.empty((n, my, mx), dtype=xp.float32)
     step = _chunk(xp, ny * nx)
-    if keep_spectra:
-        spectra = xp.empty((n, ny, nx // 2 + 1), dtype=xp.complex64)
-        for i in range(0, n, step):
-            spectra[i:i + step] = fft.rfft2(xp.asarray(frames[i:i + step], dtype=xp.float32), axes=(-2, -1))
-            binned[i:i + step] = _binned_frames(spectra[i:i + step], (ny, nx), (my, mx), xp)
-        return spectra, binned
-    for i in range(0, n, step):  # little memory: a few frames at a time
+    for i in range(0, n, step):
         spec = fft.rfft2(xp.asarray(frames[i:i + step], dtype=xp.float32), axes=(-2, -1))
         binned[i:i + step] = _binned_frames(spec, (ny, nx), (my, mx), xp)
-    return None, binned
+    return binned
 
 
 def _align_binned(binned, shape, pixel_size, bfactor, *, max_iter=20, binning=1, tol=0.01, max_shift=None, group=1,
@@ -1199,7 +1193,7 @@ def local_alignment(frames, global_shifts, patches=(5, 5), *, pixel_size: float 
     xp = backend.array_module(frames)
     ny, nx = frames.shape[1:]
     size = tuple(_band_size(m, pixel_size, bfactor, binning, PATCH_BAND) for m in (ny, nx))
-    _, binned = _prepare(frames, size, xp)
+    binned = _prepare(frames, size, xp)
     return _local_binned(binned, (ny, nx), global_shifts, patches, pixel_size=pixel_size, bfactor=bfactor,
                          group=group, max_iter=max_iter, binning=binning, max_shift=max_shift, taper=taper,
                          outlier_sigma=outlier_sigma)
@@ -1322,10 +1316,10 @@ class Sums:
     tile_spacing: int | None = None
 
 
-def _sum_global(frames, shifts, dose, xp, want_plain=True, spectra=None):
+def _sum_global(frames, shifts, dose, xp, want_plain=True):
     """Fourier-shifted sums, plain and dose-weighted (``dose``: a :class:`_DoseFilter` or None).
 
-    Uses the frames' rFFT ``spectra`` when given (else transforms each frame). The weighted
+    Each frame is transformed (rFFT) as it is added. The weighted
     sum ``sum_f w_f S_f`` with ``w_f = post * step^(f+1)`` is accumulated by Horner's rule,
     last frame first: ``acc = (acc + S_f) * step``.
     """
@@ -1337,7 +1331,7 @@ def _sum_global(frames, shifts, dose, xp, want_plain=True, spectra=None):
     step = dose.step if dose is not None else None
     tmp = xp.empty((ny, nx // 2 + 1), dtype=xp.complex64)
     for f in range(n - 1, -1, -1):
-        spec = spectra[f] if spectra is not None else _fft(xp).rfft2(xp.asarray(frames[f], dtype=xp.float32))
+        spec = _fft(xp).rfft2(xp.asarray(frames[f], dtype=xp.float32))
         spec = _shifted(spec, ky, kx, shifts[f], xp, out=tmp)
         if acc is not None:
             acc += spec
@@ -1458,8 +1452,8 @@ def apply_shifts_and_sum(frames, shifts, local_model: LocalModel | None = None, 
 
 
 def _sums(frames, shifts, local_model, *, pixel_size, dose_per_frame, voltage, pre_exposure, want_plain,
-          tile_spacing, spectra=None) -> Sums:
-    """:func:`apply_shifts_and_sum`, reusing the frames' rFFT ``spectra`` when given."""
+          tile_spacing) -> Sums:
+    """:func:`apply_shifts_and_sum` (with the pixel size checked and the shifts as float64)."""
     xp = backend.array_module(frames)
     n = frames.shape[0]
     shifts = np.asarray(shifts, dtype=np.float64).reshape(n, 2)
@@ -1469,7 +1463,7 @@ def _sums(frames, shifts, local_model, *, pixel_size, dose_per_frame, voltage, p
         dose_args = (ps, float(dose_per_frame), n, float(voltage), float(pre_exposure))
     if local_model is None:
         dose = _DoseFilter(frames.shape[1:], *dose_args, xp=xp) if dose_args else None
-        plain, dw = _sum_global(frames, shifts, dose, xp, want_plain, spectra=spectra)
+        plain, dw = _sum_global(frames, shifts, dose, xp, want_plain)
         return Sums(plain, dw, None)
     plain, dw, spacing = _sum_local(frames, shifts, local_model, dose_args, xp, tile_spacing, want_plain)
     return Sums(plain, dw, spacing)
@@ -1592,8 +1586,11 @@ def correct_motion(frames, pixel_size: float, dose_per_frame: float, voltage: fl
     bands = [(bfactor, ALIGN_BAND)] + ([(pb, PATCH_BAND)] if use_patches else [])
     size = tuple(max(_band_size(m, pixel_size, b, binning, band) for b, band in bands) for m in (ny, nx))
     t0 = time.perf_counter()
-    # one FFT per frame: its spectrum is kept for the sums, its Fourier crop feeds both alignments
-    spectra, binned = _prepare(frames, size, xp, keep_spectra=True)
+    # one FFT per frame, whose Fourier crop feeds both alignments; the sums transform the
+    # frames again instead of keeping the spectra (2.7 GB for 4096² x 40, 19 GB for a 50-frame
+    # super-resolution K3 movie; fresh memory costs more than the FFTs on a CPU, and a GPU
+    # runs them in milliseconds)
+    binned = _prepare(frames, size, xp)
     t1 = time.perf_counter()
     shifts, ginfo = _align_binned(binned, (ny, nx), pixel_size, bfactor, max_iter=max_iter, binning=binning, tol=tol,
                                   max_shift=max_shift, group=group, smooth=smooth, return_info=True)
@@ -1608,8 +1605,7 @@ def correct_motion(frames, pixel_size: float, dose_per_frame: float, voltage: fl
     do_dw = dose_weighting and dose_per_frame and dose_per_frame > 0
     sums = _sums(frames, shifts, model if (model is not None and model.use) else None, pixel_size=pixel_size,
                  dose_per_frame=dose_per_frame if do_dw else None, voltage=voltage, pre_exposure=pre_exposure,
-                 want_plain=True, tile_spacing=tile_spacing, spectra=spectra)
-    del spectra
+                 want_plain=True, tile_spacing=tile_spacing)
     t4 = time.perf_counter()
     info = dict(ginfo)
     info.update(time_fft=t1 - t0, time_global=t2 - t1, time_local=t3 - t2, time_sum=t4 - t3, time_total=t4 - t0,
