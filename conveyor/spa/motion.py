@@ -461,9 +461,10 @@ def _coarse_peak(cross, grid: _Grid, xp, radius=None):
     """Integer CC peak + parabolic refinement -> shifts [..., 2] px.
 
     The peak is searched within ``radius`` px (per unit, broadcast to ``cross.shape[:-2]``;
-    default and upper limit ``max_shift``). The CC map is the inverse FFT of ``cross``, or,
-    when the search is local, only its values at the lags within the radius (and one more
-    ring), by two matrix products with Fourier factors.
+    default and upper limit ``max_shift``). The CC map is the inverse FFT of ``cross``
+    (a few units at a time, so that the maps of all units never exist at once), or, when
+    the search is local, only its values at the lags within the radius (and one more ring),
+    by two matrix products with Fourier factors.
     """
     lead = cross.shape[:-2]
     my, mx = grid.my, grid.mx
@@ -483,18 +484,32 @@ def _coarse_peak(cross, grid: _Grid, xp, radius=None):
                         dtype=xp.complex64)  # [mkx, Lx]
         cc = xp.matmul(ey, xp.matmul(flat, ex)).real  # [nb, Ly, Lx]
         dy, dx = np.abs(ay) * scy, np.abs(ax) * scx
+        out = _map_peaks(cc, ay, ax, dy, dx, lim, xp)
     else:
-        cc = _fft(xp).irfft2(flat, s=(my, mx), axes=(-2, -1))
         ay, ax = _signed(my), _signed(mx)
         dy, dx = np.abs(ay) * scy, np.abs(ax) * scx
         dy[my // 2] = np.inf  # the CC map's Nyquist row/column are never a peak
         dx[mx // 2] = np.inf
-    ly, lx = cc.shape[-2:]
+        step = _chunk(xp, my * mx)
+        out = xp.concatenate([
+            _map_peaks(_fft(xp).irfft2(flat[b:b + step], s=(my, mx), axes=(-2, -1)), ay, ax, dy, dx,
+                       lim[b:b + step], xp)
+            for b in range(0, nb, step)])
+    out = out * xp.asarray([scx, scy], dtype=xp.float32)
+    return backend.to_host(out).astype(np.float64).reshape(lead + (2,))
+
+
+def _map_peaks(cc, ay, ax, dy, dx, lim, xp):
+    """Peaks of CC maps ``cc`` [nb, ly, lx] at lags ``ay`` [ly], ``ax`` [lx] (CC-map pixels),
+    within ``lim`` [nb] px (``dy``, ``dx``: the lags' distances in px), refined by a parabola
+    along each axis -> [nb, 2] (x, y) in CC-map pixels."""
+    nb, ly, lx = cc.shape
     limd = xp.asarray(lim.reshape(nb, 1, 1), dtype=xp.float32)
     inside = (xp.asarray(dy, dtype=xp.float32)[None, :, None] <= limd) & \
              (xp.asarray(dx, dtype=xp.float32)[None, None, :] <= limd)
     masked = xp.where(inside, cc, -xp.inf)
     idx = xp.argmax(masked.reshape(nb, -1), axis=1)
+    del masked, inside
     py, px = idx // lx, idx % lx
     b = xp.arange(nb)
     c0 = cc[b, py, px]
@@ -508,8 +523,7 @@ def _coarse_peak(cross, grid: _Grid, xp, radius=None):
 
     sy = xp.asarray(ay, dtype=xp.float32)[py] + vertex(ym, c0, yp)
     sx = xp.asarray(ax, dtype=xp.float32)[px] + vertex(xm, c0, xpl)
-    out = xp.stack([sx * scx, sy * scy], axis=-1)
-    return backend.to_host(out).astype(np.float64).reshape(lead + (2,))
+    return xp.stack([sx, sy], axis=-1)
 
 
 def _cc_derivatives(cross, grid: _Grid, xp):
