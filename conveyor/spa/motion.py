@@ -2,9 +2,9 @@
 
 The steps (see ``docs/algorithms/motion.md`` for the full description):
 
-0. **One FFT per frame** (:func:`_prepare`). Every frame is Fourier-transformed (float32
-   in, complex64 out); the Fourier crops of the spectra to the alignment band, transformed
-   back, are the *binned frames* that both alignments use,
+0. **One FFT per frame for the alignments** (:func:`_prepare`). Every frame is
+   Fourier-transformed (float32 in, complex64 out); the Fourier crops of the spectra to the
+   alignment band, transformed back, are the *binned frames* that both alignments use,
    so the alignment work does not grow with the detector size. The band keeps the
    frequencies where the cross-power B-factor weight ``exp(-B k²/2)`` is at least e^-2
    (:data:`ALIGN_BAND`, :data:`PATCH_BAND`; ``binning`` crops further).
@@ -1343,10 +1343,9 @@ def _sum_global(frames, shifts, dose, xp, want_plain=True):
     acc = xp.zeros((ny, nx // 2 + 1), dtype=xp.complex64) if want_plain else None
     acc_dw = xp.zeros((ny, nx // 2 + 1), dtype=xp.complex64) if dose is not None else None
     step = dose.step if dose is not None else None
-    tmp = xp.empty((ny, nx // 2 + 1), dtype=xp.complex64)
     for f in range(n - 1, -1, -1):
         spec = _fft(xp).rfft2(xp.asarray(frames[f], dtype=xp.float32))
-        spec = _shifted(spec, ky, kx, shifts[f], xp, out=tmp)
+        spec = _shifted(spec, ky, kx, shifts[f], xp, out=spec)
         if acc is not None:
             acc += spec
         if acc_dw is not None:
@@ -1602,8 +1601,7 @@ def correct_motion(frames, pixel_size: float, dose_per_frame: float, voltage: fl
     t0 = time.perf_counter()
     # one FFT per frame, whose Fourier crop feeds both alignments; the sums transform the
     # frames again instead of keeping the spectra (2.7 GB for 4096² x 40, 19 GB for a 50-frame
-    # super-resolution K3 movie; fresh memory costs more than the FFTs on a CPU, and a GPU
-    # runs them in milliseconds)
+    # super-resolution K3 movie; measured trade-off in docs/algorithms/motion.md §0)
     binned = _prepare(frames, size, xp)
     t1 = time.perf_counter()
     shifts, ginfo = _align_binned(binned, (ny, nx), pixel_size, bfactor, max_iter=max_iter, binning=binning, tol=tol,
