@@ -562,14 +562,9 @@ def _run_steps(work: Path, p: dict, device: str, exes: dict, log) -> list[dict]:
     # movie (start-up and imports paid once), its outputs in a directory of their own
     job = "job"
     (work / job).mkdir(exist_ok=True)
-    job_steps = [
-        ("motion", [a.replace("ours/", f"{job}/") for a in motion_ours]),
-        ("ctf", [a.replace("ours/", f"{job}/") for a in ctf_ours]),
-        ("pick", [a.replace("ours/", f"{job}/") for a in pick_ours]),
-        ("extract", [a.replace(coords_star, pick_star).replace("ours/", f"{job}/") for a in extract_ours]),
-    ]
     job_argv = ["spa", "preprocess"]
-    for name, argv in job_steps:
+    for name, argv in (("motion", motion_ours), ("ctf", ctf_ours), ("pick", pick_ours), ("extract", extract_ours)):
+        argv = [a.replace(coords_star, pick_star).replace("ours/", f"{job}/") for a in argv]
         job_argv += [":::", f"{job}/{name}.log", "conveyor", "--device", device, "--threads", str(p["threads"]), *argv]
     log("the four steps in one process (the workflow's job) ...")
     mj = [runner.ours(job_argv, f"job{r}") for r in range(p["repeat"])]
